@@ -1,0 +1,91 @@
+"""The IGReg trainer: a MONAI `Trainer` whose iteration hands the task-balanced batch to a strategy.
+
+Everything else (validation, checkpoints, logs, learning-rate schedule, resume) is attached as
+handlers, as in MONAI's own workflows.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterable, Sequence
+
+import torch
+from ignite.engine import Events
+from monai.engines import Trainer
+from torch.optim import Optimizer
+from torch.optim.lr_scheduler import CosineAnnealingLR
+
+from scripts.strategies import MTLStrategy
+
+BATCH_KEYS = ("image", "label", "seg", "has_seg")
+
+
+def prepare_batch(batchdata: dict, device: torch.device | str | None = None, non_blocking: bool = False,
+                  **kwargs: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Batch dict -> (image, targets) on `device`; targets hold `label`, `seg`, `has_seg`.
+
+    Shaped as MONAI's evaluators expect (`inputs, targets`); the trainer re-joins both.
+    """
+    moved = {k: torch.as_tensor(batchdata[k]).to(device=device, non_blocking=non_blocking, **kwargs)
+             for k in BATCH_KEYS if k in batchdata}
+    return moved.pop("image"), moved
+
+
+class CosineSchedule:
+    """Cosine decay from each optimizer's learning rate down to `min_lr` over `total_steps`,
+    applied to every optimizer of a strategy (main network and surrogates alike)."""
+
+    def __init__(self, optimizers: Sequence[Optimizer], total_steps: int, min_lr: float = 0.0) -> None:
+        self.schedulers = [CosineAnnealingLR(o, T_max=max(1, total_steps), eta_min=min_lr) for o in optimizers]
+
+    def step(self) -> None:
+        for s in self.schedulers:
+            s.step()
+
+    @property
+    def _last_lr(self) -> list[float]:  # read by monai.handlers.LrScheduleHandler(print_lr=True)
+        return self.schedulers[0].get_last_lr()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"schedulers": [s.state_dict() for s in self.schedulers]}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for s, st in zip(self.schedulers, state["schedulers"]):
+            s.load_state_dict(st)
+
+
+class IGRegTrainer(Trainer):
+    """Runs `strategy.step(batch)` once per iteration.
+
+    Args:
+        device: where the batch goes.
+        max_epochs: epochs to run.
+        train_data_loader: yields task-balanced training batches (`image`, `label`, `seg`, `has_seg`).
+        strategy: the multi-task method; owns the network and every optimizer.
+        epoch_length: iterations per epoch (the reference: 100).
+        prototype_loader: batches of segmentation cases used to initialise the DPA prototypes before
+            the first iteration (skipped when training resumes from a saved state).
+        train_handlers: MONAI / Ignite handlers to attach.
+    """
+
+    def __init__(self, device: torch.device | str, max_epochs: int, train_data_loader: Iterable,
+                 strategy: MTLStrategy, epoch_length: int | None = None, prototype_loader: Iterable | None = None,
+                 train_handlers: Sequence | None = None, non_blocking: bool = False, **kwargs: Any) -> None:
+        self.strategy = strategy
+        self.network = strategy.network
+        self.optimizer = strategy.optimizers[0]
+        self.prototype_loader = prototype_loader
+        super().__init__(device=device, max_epochs=max_epochs, data_loader=train_data_loader,
+                         epoch_length=epoch_length, non_blocking=non_blocking, prepare_batch=prepare_batch,
+                         handlers=train_handlers, decollate=False, **kwargs)
+        self.add_event_handler(Events.STARTED, self._initialize_strategy)
+
+    def _initialize_strategy(self, engine: "IGRegTrainer") -> None:
+        if engine.state.iteration == 0 and self.prototype_loader is not None:
+            self.strategy.initialize(
+                {"image": img, **tgt} for img, tgt in
+                (prepare_batch(b, engine.state.device, self.non_blocking) for b in self.prototype_loader))
+
+    def _iteration(self, engine: "IGRegTrainer", batchdata: dict) -> dict[str, torch.Tensor]:
+        image, targets = prepare_batch(batchdata, engine.state.device, engine.non_blocking)
+        self.strategy.train()
+        return self.strategy.step({"image": image, **targets})

@@ -1,0 +1,159 @@
+"""Ignite handlers of the bundle: checkpoints, resume, metric files and plots.
+
+Each is attached to an engine with `attach(engine)` (MONAI's handler convention) and writes on
+rank 0 only, so that a torchrun job leaves one copy of every file.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import random
+from pathlib import Path
+from typing import Any, Sequence
+
+import ignite.distributed as idist
+import numpy as np
+import torch
+from ignite.engine import Engine, Events
+
+from scripts.checkpoint import atomic_save, safe_load
+from scripts.plots import plot_confusion_matrices, plot_roc_curves
+
+logger = logging.getLogger(__name__)
+
+
+def _is_writer() -> bool:
+    return idist.get_rank() == 0
+
+
+class BestModelSaver:
+    """After each validation that improves the key metric, save the network's state_dict (only)."""
+
+    def __init__(self, network: torch.nn.Module, save_dir: str, filename: str = "model.pt") -> None:
+        self.network, self.path = network, Path(save_dir) / filename
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self)
+
+    def __call__(self, engine: Engine) -> None:
+        if engine.state.best_metric_epoch == engine.state.epoch and _is_writer():
+            atomic_save(self.network.state_dict(), self.path)
+            logger.info(f"saved best model ({engine.state.best_metric:.4f}) to {self.path}")
+
+
+def _rng_state() -> dict[str, Any]:
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    return {"torch": torch.get_rng_state(), "python": random.getstate(),
+            "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss]}
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, pos, has_gauss, g = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, g))
+
+
+class TrainingState:
+    """Saves the whole training state every `save_every` iterations and at each epoch's end, and
+    restores it when training starts again with the same `ckpt_dir` (after a crash or a kill).
+
+    Held: strategy (network, surrogates, log-variances, prototypes), every optimizer, the LR
+    schedule, the iteration, RNG states, the sampler position and the evaluator's best metric.
+    """
+
+    def __init__(self, strategy: torch.nn.Module, lr_schedule: Any, ckpt_dir: str, save_every: int = 50,
+                 evaluator: Engine | None = None, resume: bool = True, filename: str = "training_state.pt") -> None:
+        self.strategy, self.lr_schedule, self.evaluator = strategy, lr_schedule, evaluator
+        self.path = Path(ckpt_dir) / filename
+        self.save_every, self.resume = save_every, resume
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.STARTED, self.load)
+        engine.add_event_handler(Events.ITERATION_COMPLETED(every=self.save_every), self.save)
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self.save)
+
+    def state(self, engine: Engine) -> dict[str, Any]:
+        ev = self.evaluator.state if self.evaluator is not None else None
+        return {
+            "iteration": engine.state.iteration,
+            "strategy": self.strategy.state_dict(),
+            "optimizers": [o.state_dict() for o in self.strategy.optimizers],
+            "lr_schedule": self.lr_schedule.state_dict() if self.lr_schedule is not None else {},
+            "rng": _rng_state(),
+            "best": {"metric": float(ev.best_metric), "epoch": int(ev.best_metric_epoch)} if ev else {},
+        }
+
+    def save(self, engine: Engine) -> None:
+        if _is_writer():
+            atomic_save(self.state(engine), self.path)
+
+    def load(self, engine: Engine) -> None:
+        if not (self.resume and self.path.exists()):
+            return
+        state = safe_load(self.path)
+        self.strategy.load_state_dict(state["strategy"])
+        for opt, st in zip(self.strategy.optimizers, state["optimizers"]):
+            opt.load_state_dict(st)
+        if self.lr_schedule is not None:
+            self.lr_schedule.load_state_dict(state["lr_schedule"])
+        _set_rng_state(state["rng"])
+        if self.evaluator is not None and state["best"]:
+            self.evaluator.state.best_metric = state["best"]["metric"]
+            self.evaluator.state.best_metric_epoch = state["best"]["epoch"]
+        engine.state.iteration = state["iteration"]
+        engine.state.epoch = state["iteration"] // engine.state.epoch_length
+        logger.info(f"resumed from {self.path} at iteration {engine.state.iteration}")
+
+
+class MetricsCSV:
+    """Appends one row of scalar validation metrics per validation run (epoch = trainer's epoch)."""
+
+    def __init__(self, output_dir: str, filename: str = "validation_metrics.csv") -> None:
+        self.path = Path(output_dir) / filename
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self)
+
+    def __call__(self, engine: Engine) -> None:
+        if not _is_writer():
+            return
+        row = {"epoch": engine.state.epoch, **{k: v for k, v in engine.state.metrics.items()
+                                                 if isinstance(v, (int, float))}}
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        new = not self.path.exists()
+        if not new:
+            with open(self.path) as f:
+                header = next(csv.reader(f), [])
+            if header != list(row):
+                new, self.path = True, self.path.with_name(f"{self.path.stem}_{engine.state.epoch}.csv")
+        with open(self.path, "a", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=list(row))
+            if new:
+                w.writeheader()
+            w.writerow(row)
+
+
+class EvaluationReport:
+    """At the end of an evaluation: `metrics.json` (full report) and PNG plots (ROC, confusion)."""
+
+    def __init__(self, output_dir: str, tasks: Sequence[str]) -> None:
+        self.output_dir, self.tasks = Path(output_dir), list(tasks)
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self)
+
+    def __call__(self, engine: Engine) -> None:
+        if not _is_writer():
+            return
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        details = engine.state.metric_details
+        report = details["report"]
+        with open(self.output_dir / "metrics.json", "w") as f:
+            json.dump(report, f, indent=2)
+        plot_roc_curves(details["probs"], details["labels"], self.tasks, self.output_dir / "roc_curves.png")
+        plot_confusion_matrices(report["tasks"], self.output_dir / "confusion_matrices.png")
+        logger.info(f"evaluation report written to {self.output_dir}")

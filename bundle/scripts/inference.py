@@ -1,0 +1,151 @@
+"""Inference on new cases: input discovery, output-folder safety, prediction post-processing and writers."""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any, Hashable, Mapping, Sequence
+
+import ignite.distributed as idist
+import torch
+from ignite.engine import Engine, Events
+from monai.data import load_decathlon_datalist
+from monai.transforms import MapTransform
+
+logger = logging.getLogger(__name__)
+
+NIFTI = (".nii.gz", ".nii")
+MODALITY_SUFFIXES = {"t1c": ("_t1ce", "_t1c"), "t2w": ("_t2", "_t2w")}
+
+
+class OutputExistsError(FileExistsError):
+    """The output folder already holds predictions of an earlier run."""
+
+
+def nifti_stem(path: str | os.PathLike) -> str:
+    """File name without `.nii` / `.nii.gz`."""
+    name = Path(path).name
+    return next((name[: -len(e)] for e in NIFTI if name.endswith(e)), name)
+
+
+def mask_path(output_dir: str | os.PathLike, case: Mapping[str, Any]) -> Path:
+    """Where the predicted mask of a case goes (MONAI SaveImaged naming: `<t1c stem>_seg.nii.gz`)."""
+    return Path(output_dir) / f"{nifti_stem(case['t1c'])}_seg.nii.gz"
+
+
+def case_id_of(case: Mapping[str, Any]) -> str:
+    """The case's `case_id`, else its T1C file name without the NIfTI extension and modality suffix."""
+    if case.get("case_id"):
+        return str(case["case_id"])
+    name = nifti_stem(str(case["t1c"]))
+    for suffix in MODALITY_SUFFIXES["t1c"]:
+        name = name[: -len(suffix)] if name.endswith(suffix) else name
+    return name
+
+
+def find_cases(folder: str | os.PathLike) -> list[dict[str, str]]:
+    """Cases of a folder: `<case>/<case>_t1ce|_t1c.nii[.gz]` with `_t2|_t2w`, or the same names flat."""
+    folder = Path(folder)
+    cases = []
+    for t1c in sorted(p for s in MODALITY_SUFFIXES["t1c"] for e in NIFTI for p in folder.rglob(f"*{s}{e}")):
+        stem, ext = next((t1c.name[: -len(s + e)], e) for s in MODALITY_SUFFIXES["t1c"] for e in NIFTI
+                         if t1c.name.endswith(s + e))
+        t2w = next((t1c.with_name(f"{stem}{s}{e}") for s in MODALITY_SUFFIXES["t2w"] for e in NIFTI
+                    if t1c.with_name(f"{stem}{s}{e}").exists()), None)
+        if t2w is None:
+            raise FileNotFoundError(f"case {stem!r}: field 't2w': no {stem}_t2[w]{ext} beside {t1c}")
+        cases.append({"case_id": stem, "t1c": str(t1c), "t2w": str(t2w)})
+    if not cases:
+        raise FileNotFoundError(f"no cases (<case>_t1ce.nii.gz with <case>_t2.nii.gz) under {folder}")
+    return cases
+
+
+def inference_cases(datalist: str | None = None, input_dir: str | None = None, split: str = "testing",
+                    base_dir: str | None = None) -> list[dict]:
+    """Cases to predict: the `split` list of a datalist JSON, else every case found in `input_dir`."""
+    if datalist:
+        cases = load_decathlon_datalist(datalist, is_segmentation=False, data_list_key=split, base_dir=base_dir)
+        return [{"case_id": case_id_of(c), "t1c": c["t1c"], "t2w": c["t2w"]} for c in cases]
+    if input_dir:
+        return find_cases(input_dir)
+    raise ValueError("give either `datalist` (a JSON with a 'testing' list) or `input_dir` (a folder of cases)")
+
+
+def prepare_output_dir(output_dir: str, cases: Sequence[Mapping[str, Any]], overwrite: bool = False) -> str:
+    """Refuse an output folder holding an earlier run's predictions (unless `overwrite`) and any
+    output path that would replace an input file. Returns the folder, created."""
+    out = Path(output_dir).resolve()
+    inputs = {Path(str(c[k])).resolve() for c in cases for k in ("t1c", "t2w") if k in c}
+    for c in cases:
+        cid = case_id_of(c)
+        for target in (out / f"{cid}.json", mask_path(out, c).resolve()):
+            if target in inputs:
+                raise OutputExistsError(f"case {cid!r}: output {target} would overwrite an input file")
+    previous = [p for p in (out / "predictions.csv",) if p.exists()]
+    if previous and not overwrite:
+        raise OutputExistsError(f"{out} holds an earlier run's results ({previous[0].name}); "
+                                "choose another output_dir or set overwrite=true")
+    out.mkdir(parents=True, exist_ok=True)
+    return str(out)
+
+
+class SplitPredictiond(MapTransform):
+    """Turn the network's dict output under `pred` into `pred` = segmentation logits and
+    `probs` = {task: class probabilities}."""
+
+    def __init__(self, keys: str = "pred", seg_key: str = "seg") -> None:
+        super().__init__(keys)
+        self.seg_key = seg_key
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            out = d[key]
+            d["probs"] = {t: v.float().softmax(-1) for t, v in out.items() if t != self.seg_key}
+            d[key] = out[self.seg_key]
+        return d
+
+
+class PredictionWriter:
+    """Writes `<case>.json` (probability and class per task) per case and `predictions.csv` for all."""
+
+    def __init__(self, output_dir: str, tasks: Sequence[str], class_names: Mapping[str, Sequence[str]] | None = None,
+                 filename: str = "predictions.csv") -> None:
+        self.output_dir, self.tasks = Path(output_dir), list(tasks)
+        self.class_names = dict(class_names or {})
+        self.csv_path = self.output_dir / filename
+        self.rows: list[dict[str, Any]] = []
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self.write_cases)
+        engine.add_event_handler(Events.COMPLETED, self.write_table)
+
+    def write_cases(self, engine: Engine) -> None:
+        for item, out in zip(engine.state.batch, engine.state.output):
+            case_id = case_id_of(item)
+            result: dict[str, Any] = {"case_id": case_id}
+            for task in self.tasks:
+                probs = torch.as_tensor(out["probs"][task]).detach().cpu()
+                cls = int(probs.argmax())
+                names = self.class_names.get(task)
+                result[task] = {"probabilities": [round(float(p), 6) for p in probs], "class": cls,
+                                **({"class_name": names[cls]} if names else {})}
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            with open(self.output_dir / f"{case_id}.json", "w") as f:
+                json.dump(result, f, indent=2)
+            self.rows.append({"case_id": case_id,
+                              **{f"{t}_prob": result[t]["probabilities"][-1] for t in self.tasks},
+                              **{f"{t}_class": result[t]["class"] for t in self.tasks}})
+
+    def write_table(self, engine: Engine) -> None:
+        rows = [r for part in idist.all_gather(self.rows) for r in part] if idist.get_world_size() > 1 else self.rows
+        if idist.get_rank() != 0 or not rows:
+            return
+        with open(self.csv_path, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=list(rows[0]))
+            w.writeheader()
+            w.writerows(sorted(rows, key=lambda r: r["case_id"]))
+        logger.info(f"{len(rows)} predictions written to {self.output_dir}")

@@ -1,0 +1,49 @@
+"""Finding cases to predict and keeping inference from overwriting inputs or earlier results."""
+import json
+
+import pytest
+
+from scripts.inference import OutputExistsError, case_id_of, find_cases, inference_cases, prepare_output_dir
+
+
+def _touch(path):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"")
+    return path
+
+
+def test_find_cases_brats_and_flat_layouts(tmp_path):
+    _touch(tmp_path / "A" / "A_t1ce.nii.gz")
+    _touch(tmp_path / "A" / "A_t2.nii.gz")
+    _touch(tmp_path / "B_t1c.nii")
+    _touch(tmp_path / "B_t2w.nii")
+    cases = find_cases(tmp_path)
+    assert [c["case_id"] for c in cases] == ["A", "B"]
+    assert cases[1]["t2w"].endswith("B_t2w.nii")
+
+
+def test_find_cases_names_missing_t2(tmp_path):
+    _touch(tmp_path / "C_t1ce.nii.gz")
+    with pytest.raises(FileNotFoundError, match="case 'C': field 't2w'"):
+        find_cases(tmp_path)
+
+
+def test_datalist_cases_get_ids(tmp_path):
+    dl = tmp_path / "dl.json"
+    dl.write_text(json.dumps({"testing": [{"t1c": "x/P7_t1ce.nii.gz", "t2w": "x/P7_t2.nii.gz"}]}))
+    cases = inference_cases(datalist=str(dl))
+    assert cases[0]["case_id"] == "P7" and case_id_of({"t1c": "a/b/Q_t1c.nii"}) == "Q"
+
+
+def test_output_dir_refusals(tmp_path):
+    inputs = tmp_path / "in"
+    # the mask of T1C `P1.nii.gz` is written as `P1_seg.nii.gz`, which is this case's second input here
+    case = {"case_id": "P1", "t1c": str(_touch(inputs / "P1.nii.gz")), "t2w": str(_touch(inputs / "P1_seg.nii.gz"))}
+    with pytest.raises(OutputExistsError, match="case 'P1': output .* would overwrite an input"):
+        prepare_output_dir(str(inputs), [case])
+    out = tmp_path / "out"
+    prepare_output_dir(str(out), [case])
+    (out / "predictions.csv").write_text("case_id\n")
+    with pytest.raises(OutputExistsError, match="earlier run"):
+        prepare_output_dir(str(out), [case])
+    assert prepare_output_dir(str(out), [case], overwrite=True) == str(out.resolve())
