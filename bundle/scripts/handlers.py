@@ -66,8 +66,9 @@ class TrainingState:
     """
 
     def __init__(self, strategy: torch.nn.Module, lr_schedule: Any, ckpt_dir: str, save_every: int = 50,
-                 evaluator: Engine | None = None, resume: bool = True, filename: str = "training_state.pt") -> None:
-        self.strategy, self.lr_schedule, self.evaluator = strategy, lr_schedule, evaluator
+                 loader: Any = None, evaluator: Engine | None = None, resume: bool = True,
+                 filename: str = "training_state.pt") -> None:
+        self.strategy, self.lr_schedule, self.loader, self.evaluator = strategy, lr_schedule, loader, evaluator
         self.path = Path(ckpt_dir) / filename
         self.save_every, self.resume = save_every, resume
 
@@ -83,6 +84,7 @@ class TrainingState:
             "strategy": self.strategy.state_dict(),
             "optimizers": [o.state_dict() for o in self.strategy.optimizers],
             "lr_schedule": self.lr_schedule.state_dict() if self.lr_schedule is not None else {},
+            "loader": self.loader.state_dict() if hasattr(self.loader, "state_dict") else {},
             "rng": _rng_state(),
             "best": {"metric": float(ev.best_metric), "epoch": int(ev.best_metric_epoch)} if ev else {},
         }
@@ -100,6 +102,8 @@ class TrainingState:
             opt.load_state_dict(st)
         if self.lr_schedule is not None:
             self.lr_schedule.load_state_dict(state["lr_schedule"])
+        if state["loader"]:
+            self.loader.load_state_dict(state["loader"])
         _set_rng_state(state["rng"])
         if self.evaluator is not None and state["best"]:
             self.evaluator.state.best_metric = state["best"]["metric"]

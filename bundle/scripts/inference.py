@@ -65,12 +65,12 @@ def find_cases(folder: str | os.PathLike) -> list[dict[str, str]]:
 
 def inference_cases(datalist: str | None = None, input_dir: str | None = None, split: str = "testing",
                     base_dir: str | None = None) -> list[dict]:
-    """Cases to predict: the `split` list of a datalist JSON, else every case found in `input_dir`."""
+    """Cases to predict: every case found in `input_dir` if given, else the `split` list of a datalist JSON."""
+    if input_dir:
+        return find_cases(input_dir)
     if datalist:
         cases = load_decathlon_datalist(datalist, is_segmentation=False, data_list_key=split, base_dir=base_dir)
         return [{"case_id": case_id_of(c), "t1c": c["t1c"], "t2w": c["t2w"]} for c in cases]
-    if input_dir:
-        return find_cases(input_dir)
     raise ValueError("give either `datalist` (a JSON with a 'testing' list) or `input_dir` (a folder of cases)")
 
 
