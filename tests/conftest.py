@@ -1,6 +1,9 @@
 """Shared test setup: make the bundle's `scripts` package importable and keep torch small."""
+import os
 import sys
 from pathlib import Path
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # no busy-waiting threads on a loaded 2-core machine
 
 import pytest
 import torch
@@ -9,7 +12,7 @@ REPO = Path(__file__).resolve().parents[1]
 BUNDLE = REPO / "bundle"
 SHARED_DATA = REPO.parent / "shared" / "data"
 sys.path.insert(0, str(BUNDLE))
-torch.set_num_threads(2)
+torch.set_num_threads(1)
 
 
 @pytest.fixture

@@ -1,0 +1,86 @@
+"""The datalist: a decathlon-style JSON of glioma cases, and how it is read and written.
+
+A case is ``{"t1c": path, "t2w": path}`` plus, optionally, ``"seg": path`` (tumor mask, any label > 0
+is tumor), any of the task labels (``"1p19q"``, ``"idh"``, ``"grade"``: 0 or 1) and ``"case_id"``.
+Relative paths are relative to ``base_dir`` (by default the folder holding the JSON).
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+TASKS: tuple[str, ...] = ("1p19q", "idh", "grade")
+IMAGE_KEYS: tuple[str, ...] = ("t1c", "t2w")
+SEG_KEY = "seg"
+PATH_KEYS: tuple[str, ...] = (*IMAGE_KEYS, SEG_KEY)
+SPLITS: tuple[str, ...] = ("training", "validation", "testing")
+
+
+def case_name(case: Mapping[str, Any], position: int) -> str:
+    """The case's id, or a stand-in derived from its T1C file name or its position."""
+    if case.get("case_id"):
+        return str(case["case_id"])
+    t1c = case.get("t1c")
+    if isinstance(t1c, str) and t1c:
+        name = Path(t1c).name
+        for suffix in (".nii.gz", ".nii"):
+            if name.endswith(suffix):
+                name = name[: -len(suffix)]
+        parent = Path(t1c).parent.name
+        return f"{parent}/{name}" if parent else name
+    return f"#{position}"
+
+
+def read_datalist(datalist: str | os.PathLike | Mapping[str, Any]) -> dict[str, Any]:
+    """The datalist as a dict: loads a JSON path, passes a mapping through."""
+    if isinstance(datalist, Mapping):
+        return dict(datalist)
+    with open(datalist, encoding="utf-8") as f:
+        content = json.load(f)
+    if not isinstance(content, dict):
+        raise ValueError(f"datalist {datalist}: expected a JSON object with {'/'.join(SPLITS)} lists")
+    return content
+
+
+def resolve_case(case: Mapping[str, Any], base_dir: str | os.PathLike, position: int) -> dict[str, Any]:
+    """A copy of ``case`` with absolute paths, a ``case_id``, and ``null`` labels dropped."""
+    out = {k: v for k, v in case.items() if v is not None}
+    for key in PATH_KEYS:
+        value = out.get(key)
+        if isinstance(value, str) and value and not os.path.isabs(value):
+            out[key] = os.path.normpath(os.path.join(base_dir, value))
+    out["case_id"] = case_name(case, position)
+    return out
+
+
+def load_datalist(datalist: str | os.PathLike | Mapping[str, Any], split: str = "training",
+                  base_dir: str | os.PathLike | None = None) -> list[dict[str, Any]]:
+    """The cases of one split with absolute paths and a ``case_id`` each (empty if the split is absent).
+
+    Args:
+        datalist: path of the JSON file, or its content.
+        split: ``training``, ``validation`` or ``testing``.
+        base_dir: folder that relative paths start from; default the JSON file's folder
+            (the current folder for a mapping).
+    """
+    content = read_datalist(datalist)
+    if base_dir is None:
+        base_dir = Path(datalist).parent if not isinstance(datalist, Mapping) else Path.cwd()
+    cases = content.get(split) or []
+    if not isinstance(cases, list):
+        raise ValueError(f"datalist split '{split}' must be a list of cases")
+    return [resolve_case(c, base_dir, i) if isinstance(c, Mapping) else c for i, c in enumerate(cases)]
+
+
+def write_datalist(path: str | os.PathLike, splits: Mapping[str, Sequence[Mapping[str, Any]]],
+                   **extra: Any) -> str:
+    """Write ``splits`` (plus any extra top-level entries) as a datalist JSON; returns the path."""
+    content = {**extra, **{name: [dict(c) for c in splits.get(name, [])] for name in SPLITS}}
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(content, indent=2) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+    return str(path)

@@ -1,0 +1,123 @@
+"""Task-balanced batches: per task an endless stream of its class-0 and of its class-1 cases, plus a
+stream of segmentation cases; a batch takes ``k`` of each class per task, in task order, then the
+segmentation rows.
+
+Every draw is a pure function of ``(seed, epoch, iteration)``: the stream position of a draw is
+``(epoch * iters_per_epoch + iteration) * k + j``, and each pass over a stream is a fresh seeded
+permutation. So the sampler restarts anywhere from ``set_epoch(epoch, iteration)``.
+"""
+from __future__ import annotations
+
+import zlib
+from typing import Any, Iterator, Mapping, Sequence
+
+import numpy as np
+
+from .datalist import SEG_KEY
+
+SEG_ROLE = "seg"
+Draw = tuple[int, str, int]  # (case index, role: a task name or "seg", augmentation seed)
+
+
+def _rng(*words: int) -> np.random.Generator:
+    return np.random.default_rng(np.random.SeedSequence([int(w) for w in words]))
+
+
+def allocate(total: int, sizes: Sequence[int]) -> list[int]:
+    """Split ``total`` (at most ``sum(sizes)``) over groups in proportion to ``sizes``, largest
+    remainders first."""
+    total = min(int(total), int(sum(sizes)))
+    raw = [total * s / max(1, sum(sizes)) for s in sizes]
+    counts = [min(int(r), s) for r, s in zip(raw, sizes)]
+    for i in sorted(range(len(sizes)), key=lambda i: int(raw[i]) - raw[i]):
+        if sum(counts) == total:
+            break
+        if counts[i] < sizes[i]:
+            counts[i] += 1
+    return counts
+
+
+def task_pool(cases: Sequence[Mapping[str, Any]], task: str, size: int | None, seed: int) -> list[list[int]]:
+    """Indices of the class-0 and class-1 cases of ``task``; with ``size``, a seeded subset of that
+    many cases that keeps the class proportions (the reference's task-ratio setting)."""
+    classes = [[i for i, c in enumerate(cases) if c.get(task) == k] for k in (0, 1)]
+    if size is None:
+        return classes
+    counts = allocate(size, [len(c) for c in classes])
+    rng = _rng(seed, zlib.crc32(task.encode()))
+    return [sorted(rng.choice(c, n, replace=False).tolist()) for c, n in zip(classes, counts)]
+
+
+class TaskBalancedBatchSampler:
+    """Yields per batch a list of :data:`Draw`: task 0's ``k`` class-0 then ``k`` class-1 draws,
+    task 1's, ..., then ``seg_samples`` segmentation draws.
+
+    Args:
+        cases: the training cases (resolved datalist entries).
+        tasks: task names in batch order.
+        samples_per_class: ``k``.
+        seg_samples: segmentation rows per batch (0 for none).
+        iters_per_epoch: batches per epoch.
+        task_ratios: per task (same order) a multiple of ``base_cases``: the number of that task's
+            cases used in training (class proportions kept), e.g. ``[1, 1, 5]``; None uses all.
+        base_cases: cases per ratio unit (48 in the reference).
+        seed: base seed of every draw.
+        rank, world_size: each rank draws from its own disjoint share of every stream.
+    """
+
+    def __init__(self, cases: Sequence[Mapping[str, Any]], tasks: Sequence[str], samples_per_class: int = 1,
+                 seg_samples: int = 1, iters_per_epoch: int = 100, task_ratios: Sequence[int] | None = None,
+                 base_cases: int = 48, seed: int = 0, rank: int = 0, world_size: int = 1):
+        if task_ratios is not None and len(task_ratios) != len(tasks):
+            raise ValueError(f"task_ratios {list(task_ratios)} needs one entry per task {list(tasks)}")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} outside world_size {world_size}")
+        self.tasks, self.k, self.seg_samples = list(tasks), int(samples_per_class), int(seg_samples)
+        self.iters_per_epoch, self.seed, self.rank = int(iters_per_epoch), int(seed), int(rank)
+        self.epoch, self.start = 0, 0
+        pools: dict[str, list[int]] = {}
+        for t, task in enumerate(self.tasks):
+            size = None if task_ratios is None else int(task_ratios[t]) * int(base_cases)
+            for k, members in enumerate(task_pool(cases, task, size, seed)):
+                pools[f"{task}={k}"] = members
+        if self.seg_samples:
+            pools[SEG_ROLE] = [i for i, c in enumerate(cases) if SEG_KEY in c]
+        self.streams: dict[str, np.ndarray] = {}
+        for s, (name, members) in enumerate(pools.items()):
+            shard = _rng(seed, s).permutation(np.asarray(members, dtype=np.int64))[rank::world_size]
+            if len(shard) == 0:
+                raise ValueError(f"training stream '{name}' has {len(members)} cases, too few for "
+                                 f"{world_size} rank(s): every task needs cases of both classes"
+                                 + (" and the segmentation stream masks" if name == SEG_ROLE else ""))
+            self.streams[name] = shard
+        self._stream_ids = {name: s for s, name in enumerate(self.streams)}
+
+    def set_epoch(self, epoch: int, iteration: int = 0) -> None:
+        """Position the sampler at batch ``iteration`` of ``epoch``."""
+        self.epoch, self.start = int(epoch), int(iteration)
+
+    def __len__(self) -> int:
+        return self.iters_per_epoch - self.start
+
+    def draw(self, stream: str, position: int) -> int:
+        """The case index at ``position`` of an endless stream."""
+        members = self.streams[stream]
+        cycle, offset = divmod(position, len(members))
+        return int(members[_rng(self.seed, self._stream_ids[stream], cycle).permutation(len(members))[offset]])
+
+    def batch(self, epoch: int, iteration: int) -> list[Draw]:
+        """The draws of batch ``iteration`` of ``epoch``."""
+        step = epoch * self.iters_per_epoch + iteration
+        plan = [(f"{task}={c}", task, self.k) for task in self.tasks for c in (0, 1)]
+        if self.seg_samples:
+            plan.append((SEG_ROLE, SEG_ROLE, self.seg_samples))
+        rows: list[Draw] = []
+        for stream, role, n in plan:
+            rows += [(self.draw(stream, step * n + j), role, 0) for j in range(n)]
+        aug = _rng(self.seed, self.rank, step, len(self.streams)).integers(0, 2**31 - 1, len(rows))
+        return [(i, role, int(s)) for (i, role, _), s in zip(rows, aug)]
+
+    def __iter__(self) -> Iterator[list[Draw]]:
+        epoch, start = self.epoch, self.start
+        for iteration in range(start, self.iters_per_epoch):
+            yield self.batch(epoch, iteration)

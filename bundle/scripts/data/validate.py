@@ -1,0 +1,157 @@
+"""The bad-input pass: every case of a datalist is checked before any training or inference starts.
+
+Each problem raises :class:`DatalistError`, whose message names the split, the case and the field,
+so that a bad file never surfaces as a crash deep inside a DataLoader worker.
+"""
+from __future__ import annotations
+
+import os
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Mapping, Sequence
+
+import nibabel as nib
+import numpy as np
+
+from .datalist import IMAGE_KEYS, SEG_KEY, SPLITS, TASKS, load_datalist, read_datalist
+
+NIFTI_SUFFIXES = (".nii", ".nii.gz")
+MIN_MASK_INSIDE = 0.99  # share of tumor voxels that must fall inside the T1C field of view
+MIN_BRAIN_COVERED = 0.9  # share of T1C brain voxels that the T2W field of view must cover
+
+
+class DatalistError(ValueError):
+    """A bad case in a datalist; ``case`` and ``field`` say where."""
+
+    def __init__(self, case: str, field: str, problem: str, split: str | None = None):
+        self.case, self.field, self.problem, self.split = case, field, problem, split
+        where = f"{split} case '{case}'" if split else f"case '{case}'"
+        super().__init__(f"{where}, field '{field}': {problem}")
+
+
+class _Volume:
+    """Shape, affine and voxels of one NIfTI file, with the checks every volume must pass."""
+
+    def __init__(self, path: Any):
+        if not isinstance(path, str) or not path:
+            raise ValueError(f"expected a file path, got {path!r}")
+        if not path.endswith(NIFTI_SUFFIXES):
+            raise ValueError(f"not a NIfTI file name (.nii or .nii.gz): {path}")
+        if not os.path.isfile(path):
+            raise ValueError(f"file not found: {path}")
+        try:
+            img = nib.load(path)
+            if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)):
+                raise TypeError(f"{type(img).__name__} is not NIfTI")
+            data = np.asanyarray(img.dataobj)
+        except Exception as err:  # nibabel raises many types for corrupt or foreign files
+            raise ValueError(f"unreadable NIfTI file {path}: {type(err).__name__}: {err}") from None
+        if data.ndim == 4 and data.shape[3] == 1:
+            data = data[..., 0]
+        if data.ndim != 3:
+            raise ValueError(f"expected a 3D volume, got shape {tuple(data.shape)} in {path}")
+        if np.issubdtype(data.dtype, np.floating):
+            bad = int(data.size - np.count_nonzero(np.isfinite(data)))
+            if bad:
+                raise ValueError(f"{bad} NaN or Inf voxels in {path}")
+        if not np.any(data):
+            raise ValueError(f"all-zero volume: {path}")
+        affine = np.asarray(img.affine, dtype=np.float64)
+        if not np.all(np.isfinite(affine)) or abs(np.linalg.det(affine[:3, :3])) < 1e-6:
+            raise ValueError(f"invalid (singular or non-finite) affine in {path}")
+        self.data, self.affine, self.shape = data, affine, data.shape
+
+    def same_grid(self, other: _Volume) -> bool:
+        return self.shape == other.shape and np.allclose(self.affine, other.affine, atol=1e-3)
+
+    def share_inside(self, voxels_world: np.ndarray) -> float:
+        """Share of world points (N, 3) that fall inside this volume's field of view."""
+        ijk = (np.linalg.inv(self.affine) @ np.c_[voxels_world, np.ones(len(voxels_world))].T)[:3].T
+        inside = np.all((ijk > -0.5) & (ijk < np.asarray(self.shape) - 0.5), axis=1)
+        return float(inside.mean()) if len(inside) else 0.0
+
+    def world(self, mask: np.ndarray, stride: int = 1) -> np.ndarray:
+        """World coordinates of the voxels where ``mask`` is true (every ``stride``-th along each axis)."""
+        ijk = np.argwhere(mask[::stride, ::stride, ::stride]) * stride
+        return (self.affine @ np.c_[ijk, np.ones(len(ijk))].T)[:3].T
+
+
+def _check_label(value: Any) -> str | None:
+    """Why ``value`` is not a valid 0/1 label, or None."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value not in (0, 1):
+        return f"label must be 0 or 1, got {value!r}"
+    return None
+
+
+def check_case(case: Mapping[str, Any], tasks: Sequence[str] = TASKS, split: str | None = None) -> None:
+    """Raise :class:`DatalistError` for the first problem of one resolved case."""
+    name = str(case.get("case_id", "?"))
+
+    def fail(field: str, problem: str) -> DatalistError:
+        return DatalistError(name, field, problem, split)
+
+    for task in tasks:
+        if task in case and (problem := _check_label(case[task])) is not None:
+            raise fail(task, problem)
+    volumes: dict[str, _Volume] = {}
+    for key in (*IMAGE_KEYS, SEG_KEY):
+        if key not in case:
+            if key == SEG_KEY:
+                continue
+            raise fail(key, "missing (every case needs t1c and t2w)")
+        try:
+            volumes[key] = _Volume(case[key])
+        except ValueError as err:
+            raise fail(key, str(err)) from None
+    t1c = volumes["t1c"]
+    t2w = volumes["t2w"]
+    if not t2w.same_grid(t1c):
+        covered = t2w.share_inside(t1c.world(t1c.data != 0, stride=2))
+        if covered < MIN_BRAIN_COVERED:
+            raise fail("t2w", f"its field of view covers only {covered:.0%} of the T1C brain, "
+                              "so it cannot be resampled onto the T1C grid")
+    seg = volumes.get(SEG_KEY)
+    if seg is not None and not seg.same_grid(t1c):
+        inside = t1c.share_inside(seg.world(seg.data > 0))
+        if inside < MIN_MASK_INSIDE:
+            raise fail(SEG_KEY, f"mask cannot be brought onto the T1C grid: only {inside:.0%} of its "
+                                "tumor voxels lie inside the T1C field of view")
+
+
+def validate_datalist(datalist: str | os.PathLike | Mapping[str, Any], base_dir: str | os.PathLike | None = None,
+                      tasks: Sequence[str] = TASKS, splits: Sequence[str] = SPLITS,
+                      num_workers: int = 2) -> dict[str, dict[str, Any]]:
+    """Check every case of ``splits``; raise :class:`DatalistError` naming the first bad case and field.
+
+    Args:
+        datalist: the datalist JSON path or its content.
+        base_dir: folder of relative paths (default: the JSON's folder).
+        tasks: task labels to check (other keys are ignored).
+        splits: which lists to check; absent lists are skipped.
+        num_workers: threads reading volumes in parallel.
+
+    Returns:
+        per split: ``cases``, ``seg`` (cases with a mask) and per task ``[n_class0, n_class1]``.
+    """
+    content = read_datalist(datalist)
+    if base_dir is None:
+        base_dir = os.getcwd() if isinstance(datalist, Mapping) else os.path.dirname(os.path.abspath(datalist))
+    summary: dict[str, dict[str, Any]] = {}
+    seen: Counter[str] = Counter()
+    for split in splits:
+        raw = content.get(split) or []
+        if not isinstance(raw, list):
+            raise DatalistError("*", split, "expected a list of cases", split)
+        for i, case in enumerate(raw):
+            if not isinstance(case, Mapping):
+                raise DatalistError(f"#{i}", "*", f"expected an object, got {type(case).__name__}", split)
+        cases = load_datalist(content, split, base_dir)
+        for case in cases:
+            seen[case["case_id"]] += 1
+            if seen[case["case_id"]] > 1:
+                raise DatalistError(case["case_id"], "case_id", "the same case appears twice in the datalist", split)
+        with ThreadPoolExecutor(max(1, num_workers)) as pool:
+            list(pool.map(lambda c: check_case(c, tasks, split), cases))
+        summary[split] = {"cases": len(cases), "seg": sum(SEG_KEY in c for c in cases),
+                          **{t: [sum(c.get(t) == k for c in cases) for k in (0, 1)] for t in tasks}}
+    return summary

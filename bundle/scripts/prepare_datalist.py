@@ -1,0 +1,168 @@
+"""Build or check a datalist (fire CLI).
+
+Build from case folders plus a CSV of labels, with a seeded, stratified split::
+
+    python -m scripts.prepare_datalist --data_dir /data/cases --labels labels.csv --output datalist.json \\
+        [--val_fraction 0.2] [--test_fraction 0.2] [--folds 5 --fold 0] [--seed 0] [--absolute False]
+
+``data_dir`` may be a list (e.g. a classification cohort and a separate segmentation cohort).
+Each sub-folder is a case in one of two layouts:
+
+- BraTS: ``<case>/<case>_t1ce.nii.gz``, ``<case>_t2.nii.gz``, optional ``<case>_seg.nii.gz``;
+- plain: ``<case>/t1c.nii.gz``, ``t2w.nii.gz``, optional ``seg.nii.gz``
+
+(``.nii`` works too). The CSV has a ``case_id`` column (the folder name) and any of the task
+columns ``1p19q``, ``idh``, ``grade`` with 0, 1 or empty (unknown). With ``folds`` > 1 the
+testing split is set aside first, then ``fold`` of the rest is the validation split.
+
+Check an existing datalist (every file read, every label checked)::
+
+    python -m scripts.prepare_datalist --check datalist.json [--base_dir DIR]
+"""
+from __future__ import annotations
+
+import csv
+import json
+import os
+from collections import defaultdict
+from pathlib import Path
+from typing import Any, Sequence
+
+import fire
+import numpy as np
+
+from scripts.data.datalist import SEG_KEY, TASKS, write_datalist
+from scripts.data.validate import DatalistError, validate_datalist
+
+LAYOUTS = {  # field -> file name pattern ("{case}" is the folder name)
+    "brats": {"t1c": "{case}_t1ce", "t2w": "{case}_t2", SEG_KEY: "{case}_seg"},
+    "plain": {"t1c": "t1c", "t2w": "t2w", SEG_KEY: "seg"},
+}
+GOLDEN = 0.6180339887498949
+
+
+def _find(folder: Path, stem: str) -> Path | None:
+    for suffix in (".nii.gz", ".nii"):
+        if (folder / f"{stem}{suffix}").is_file():
+            return folder / f"{stem}{suffix}"
+    return None
+
+
+def discover_cases(data_dirs: Sequence[str]) -> list[dict[str, Any]]:
+    """One entry ``{case_id, t1c, t2w[, seg]}`` per case folder found under ``data_dirs``
+    (folders matching neither layout are skipped; a half-complete case raises)."""
+    cases = []
+    for data_dir in data_dirs:
+        if not Path(data_dir).is_dir():
+            raise FileNotFoundError(f"data_dir not found: {data_dir}")
+        for folder in sorted(p for p in Path(data_dir).iterdir() if p.is_dir()):
+            for layout in LAYOUTS.values():
+                found = {k: _find(folder, stem.format(case=folder.name)) for k, stem in layout.items()}
+                if any(found.values()):
+                    break
+            else:
+                continue
+            for key in ("t1c", "t2w"):
+                if found[key] is None:
+                    raise DatalistError(folder.name, key, f"no file for it in {folder}")
+            cases.append({"case_id": folder.name, **{k: str(v) for k, v in found.items() if v is not None}})
+    return cases
+
+
+def read_labels(path: str, tasks: Sequence[str] = TASKS) -> dict[str, dict[str, int]]:
+    """Labels per case id from a CSV (``case_id`` column, task columns with 0/1/empty)."""
+    labels: dict[str, dict[str, int]] = {}
+    with open(path, newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f)
+        if "case_id" not in (reader.fieldnames or []):
+            raise ValueError(f"{path}: the labels CSV needs a 'case_id' column, has {reader.fieldnames}")
+        for row in reader:
+            case = row["case_id"].strip()
+            labels[case] = {}
+            for task in tasks:
+                value = (row.get(task) or "").strip()
+                if value == "":
+                    continue
+                if value not in ("0", "1", "0.0", "1.0"):
+                    raise DatalistError(case, task, f"label must be 0, 1 or empty in {path}, got {value!r}")
+                labels[case][task] = int(float(value))
+    return labels
+
+
+def assign_splits(cases: Sequence[dict[str, Any]], tasks: Sequence[str], val_fraction: float,
+                  test_fraction: float, folds: int, fold: int, seed: int) -> list[str]:
+    """A split name per case, stratified by (labels, has mask), seeded.
+
+    Cases are grouped by stratum, shuffled within it, and walked in that order; a low-discrepancy
+    sequence sends each stratum's cases to the splits in the requested proportions.
+    """
+    rng = np.random.default_rng(seed)
+    strata: dict[tuple, list[int]] = defaultdict(list)
+    for i, case in enumerate(cases):
+        strata[(*[case.get(t, -1) for t in tasks], SEG_KEY in case)].append(i)
+    order = [i for key in sorted(strata) for i in rng.permutation(strata[key]).tolist()]
+    offset = rng.random()
+    splits = [""] * len(cases)
+    rest = []
+    for position, i in enumerate(order):
+        u = (offset + position * GOLDEN) % 1.0
+        if u < test_fraction:
+            splits[i] = "testing"
+        elif folds <= 1:
+            splits[i] = "validation" if u < test_fraction + val_fraction else "training"
+        else:
+            rest.append(i)
+    for position, i in enumerate(rest):
+        splits[i] = "validation" if position % folds == fold else "training"
+    return splits
+
+
+def build(data_dir: str | Sequence[str], labels: str | None = None, output: str = "datalist.json",
+          val_fraction: float = 0.2, test_fraction: float = 0.2, folds: int = 0, fold: int = 0, seed: int = 0,
+          absolute: bool = False, tasks: Sequence[str] = TASKS, validate: bool = True) -> str:
+    """Write the datalist of the cases under ``data_dir`` with labels from ``labels``; returns its path."""
+    if folds > 1 and not 0 <= fold < folds:
+        raise ValueError(f"fold must be in [0, {folds}), got {fold}")
+    if not 0 <= val_fraction + test_fraction <= 1:
+        raise ValueError("val_fraction + test_fraction must lie in [0, 1]")
+    data_dirs = [data_dir] if isinstance(data_dir, (str, os.PathLike)) else list(data_dir)
+    cases = discover_cases(data_dirs)
+    known = read_labels(labels, tasks) if labels else {}
+    missing = sorted(set(known) - {c["case_id"] for c in cases})
+    if missing:
+        raise DatalistError(missing[0], "case_id", f"in {labels} but no such case folder under {data_dirs}")
+    cases = [{**c, **known.get(c["case_id"], {})} for c in cases]
+    root = Path(output).resolve().parent
+    for case in cases:
+        for key in ("t1c", "t2w", SEG_KEY):
+            if key in case and not absolute:
+                case[key] = os.path.relpath(Path(case[key]).resolve(), root)
+            elif key in case:
+                case[key] = str(Path(case[key]).resolve())
+    splits: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for case, split in zip(cases, assign_splits(cases, tasks, val_fraction, test_fraction, folds, fold, seed)):
+        splits[split].append(case)
+    path = write_datalist(output, splits, description=f"built by scripts.prepare_datalist from {data_dirs}",
+                          split={"seed": seed, "val_fraction": val_fraction, "test_fraction": test_fraction,
+                                 "folds": folds, "fold": fold})
+    if validate:
+        validate_datalist(path, tasks=tasks)
+    return path
+
+
+def main(data_dir: str | Sequence[str] | None = None, labels: str | None = None, output: str = "datalist.json",
+         val_fraction: float = 0.2, test_fraction: float = 0.2, folds: int = 0, fold: int = 0, seed: int = 0,
+         absolute: bool = False, check: str | None = None, base_dir: str | None = None) -> None:
+    """Build a datalist from ``data_dir`` (and ``labels``), or with ``check`` validate one and
+    print its per-split summary."""
+    if check is not None:
+        print(json.dumps({"datalist": check, "ok": True, **validate_datalist(check, base_dir=base_dir)}, indent=1))
+        return
+    if data_dir is None:
+        raise SystemExit("give --data_dir (to build) or --check DATALIST (to validate)")
+    path = build(data_dir, labels, output, val_fraction, test_fraction, folds, fold, seed, absolute, validate=False)
+    print(json.dumps({"datalist": path, "ok": True, **validate_datalist(path)}, indent=1))
+
+
+if __name__ == "__main__":
+    fire.Fire(main)

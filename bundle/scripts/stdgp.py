@@ -1,0 +1,137 @@
+"""STDGP, surrogate task-dominant gradient projection.
+
+One surrogate classifier per task (a copy of the network's classification path: neck and
+classification branch), re-copied from the main network every outer iteration. In a surrogate
+step, surrogate k keeps task k's gradient as it is and removes from every other task's gradient
+its component against task k's; the sum is applied by the surrogate's own optimizer. The main
+network is then pulled toward a surrogate's feature for the samples where the surrogate predicts
+the true class better (the gated feature regularizer).
+"""
+
+from __future__ import annotations
+
+import copy
+from contextlib import AbstractContextManager, nullcontext
+from typing import Callable, List, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.optim import Optimizer
+
+DISTANCES = ("l2", "mse", "cosine")
+
+
+def task_dominant_projection(task_grads: Tensor, dominant: int) -> Tensor:
+    """Merge flattened per-task gradients [T, P] around task `dominant`.
+
+    The dominant gradient g_k is kept; every other g_i with g_i . g_k < 0 becomes
+    g_i - (g_i . g_k / |g_k|^2) g_k; the result is the sum [P]. A zero dominant gradient conflicts
+    with nothing, so the result is then the plain sum.
+    """
+    g_k = task_grads[dominant]
+    dots = task_grads @ g_k
+    norm2 = (g_k @ g_k).clamp_min(torch.finfo(task_grads.dtype).tiny)
+    coef = torch.where(dots < 0, dots / norm2, torch.zeros_like(dots))  # the dominant row has dots >= 0
+    return task_grads.sum(0) - coef.sum() * g_k
+
+
+class Surrogate(nn.Module):
+    """A copy of a network's classification path; `forward(encoder features) -> (F_t, logits per task)`."""
+
+    def __init__(self, network: nn.Module) -> None:
+        super().__init__()
+        self.neck = copy.deepcopy(network.neck)
+        self.classifier = copy.deepcopy(network.classifier)
+
+    @torch.no_grad()
+    def load_from(self, network: nn.Module) -> None:
+        """Copy the network's current neck and classification branch into this surrogate."""
+        self.neck.load_state_dict(network.neck.state_dict())
+        self.classifier.load_state_dict(network.classifier.state_dict())
+
+    def task_logits(self, feats: List[Tensor], task: int) -> Tuple[Tensor, Tensor]:
+        """(F_t, logits of head `task`) for encoder features of some rows."""
+        scales, _ = self.neck(feats)
+        feature = self.classifier.features(scales)
+        return feature, self.classifier.heads[task](feature)
+
+    def forward(self, feats: List[Tensor]) -> Tuple[Tensor, List[Tensor]]:
+        scales, _ = self.neck(feats)
+        return self.classifier(scales)
+
+
+def task_gradients(surrogate: Surrogate, task_batches: Sequence[Tuple[int, List[Tensor], Tensor]],
+                   autocast: Callable[[], AbstractContextManager] = nullcontext) -> Tuple[Tensor, List[int], Tensor]:
+    """Flattened gradient of each task's loss over the surrogate's parameters.
+
+    Args:
+        task_batches: `(task, encoder features of the task's rows, labels)` for every task that has
+            labelled rows; each task's loss sees only its own rows (one forward and one backward each).
+        autocast: returns the context for the forward passes (mixed precision).
+
+    Returns (gradients [T', P] in the order of `task_batches`, their task indices, detached sum of the losses).
+    """
+    params = [p for p in surrogate.parameters() if p.requires_grad]
+    grads, losses = [], []
+    for task, feats, labels in task_batches:
+        with autocast():
+            _, logits = surrogate.task_logits(feats, task)
+        loss = F.cross_entropy(logits.float(), labels)
+        step_grads = torch.autograd.grad(loss, params, allow_unused=True)
+        grads.append(torch.cat([(torch.zeros_like(p) if g is None else g).reshape(-1)
+                                for g, p in zip(step_grads, params)]))
+        losses.append(loss.detach())
+    return torch.stack(grads), [t for t, _, _ in task_batches], torch.stack(losses).sum()
+
+
+def projected_update(surrogate: Surrogate, optimizer: Optimizer, grads: Tensor, tasks: Sequence[int],
+                     dominant: int) -> None:
+    """Apply the task-dominant merge of `grads` (rows for `tasks`) with the surrogate's optimizer.
+    Without a row for `dominant` (no labelled row for it), the plain sum is applied."""
+    merged = task_dominant_projection(grads, list(tasks).index(dominant)) if dominant in tasks else grads.sum(0)
+    offset = 0
+    for p in surrogate.parameters():
+        if p.requires_grad:
+            p.grad = merged[offset:offset + p.numel()].view_as(p)
+            offset += p.numel()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def surrogate_step(surrogate: Surrogate, optimizer: Optimizer, dominant: int,
+                   task_batches: Sequence[Tuple[int, List[Tensor], Tensor]],
+                   autocast: Callable[[], AbstractContextManager] = nullcontext) -> Tensor:
+    """One projected update of `surrogate` around task `dominant`; returns the summed task losses
+    before the update (see `task_gradients`)."""
+    grads, tasks, loss = task_gradients(surrogate, task_batches, autocast)
+    projected_update(surrogate, optimizer, grads, tasks, dominant)
+    return loss
+
+
+def feature_distance(a: Tensor, b: Tensor, kind: str = "l2") -> Tensor:
+    """Per-row distance of two feature batches [N, D] -> [N]: l2 (Euclidean), mse (mean squared
+    difference) or cosine (1 - cosine similarity)."""
+    if kind == "l2":
+        return torch.linalg.vector_norm(a - b, dim=1)
+    if kind == "mse":
+        return (a - b).pow(2).mean(1)
+    if kind == "cosine":
+        return 1 - F.cosine_similarity(a, b, dim=1)
+    raise ValueError(f"unknown feature distance {kind!r}; use one of {DISTANCES}")
+
+
+def regularizer_gate(main_prob: Tensor, surrogate_prob: Tensor) -> Tensor:
+    """True where the surrogate's probability of the true class exceeds 0.5 and the main network's
+    probability for the same sample."""
+    return (surrogate_prob > 0.5) & (surrogate_prob > main_prob)
+
+
+def gated_feature_regularizer(main_feature: Tensor, surrogate_feature: Tensor, main_prob: Tensor,
+                              surrogate_prob: Tensor, distance: str = "l2") -> Tuple[Tensor, Tensor]:
+    """Mean distance of the main features [N, D] to the (fixed) surrogate features over the gated
+    samples, 0 when none is gated. Returns (loss, gate [N] bool)."""
+    gate = regularizer_gate(main_prob.detach(), surrogate_prob.detach())
+    dist = feature_distance(main_feature.float(), surrogate_feature.detach().float(), distance)
+    loss = torch.where(gate, dist, torch.zeros_like(dist)).sum() / gate.sum().clamp_min(1)
+    return loss, gate

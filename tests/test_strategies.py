@@ -1,0 +1,221 @@
+"""Strategies: IGReg (and its ablations) and equal weighting on tiny networks and batches."""
+
+import functools
+
+import lion_pytorch
+import pytest
+import torch
+
+from scripts.networks import IGRegNet
+from scripts.objective import UncertaintyWeighting, dice_loss
+from scripts.stdgp import task_dominant_projection, task_gradients
+from scripts.strategies import TERMS, BatchLayout, EqualWeighting, IGReg, build_strategy
+
+TINY = dict(num_channels=4, widths=(8, 16, 16, 16), depths=(1, 1, 1, 1), cardinality=4)
+LION = functools.partial(lion_pytorch.Lion, lr=1e-3, weight_decay=2e-5)
+SIZE = 32
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """One intra-op thread: on a shared 2-core machine a second OpenMP thread mostly waits for a core."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def training_batch(tasks=2, per_class=1, seed=0):
+    """Task 0's rows (class 0 then 1), task 1's rows, ..., then one segmentation row."""
+    gen = torch.Generator().manual_seed(seed)
+    n = 2 * per_class * tasks
+    label = torch.full((n + 1, tasks), -1, dtype=torch.long)
+    for t in range(tasks):
+        rows = slice(2 * per_class * t, 2 * per_class * (t + 1))
+        label[rows, t] = torch.tensor([0] * per_class + [1] * per_class)
+    seg = torch.zeros(n + 1, 1, SIZE, SIZE, SIZE)
+    seg[-1, :, 8:20, 10:22, 6:18] = 1
+    has_seg = torch.zeros(n + 1, dtype=torch.bool)
+    has_seg[-1] = True
+    image = torch.randn(n + 1, 2, SIZE, SIZE, SIZE, generator=gen) + 2 * seg
+    return {"image": image, "label": label, "seg": seg, "has_seg": has_seg}
+
+
+def make(name="igreg", tasks=("idh", "grade"), **igreg):
+    torch.manual_seed(0)
+    options = {"proto_dim": 8, "nc_neg": 2, "nc_pos": 2, **igreg}
+    return build_strategy(name, IGRegNet(tasks=tasks, **TINY), LION, igreg=options)
+
+
+def plain_loss(strategy, batch):
+    with torch.no_grad():
+        out = strategy.forward_tasks(batch, BatchLayout.of(batch))
+    return (torch.stack(out.task_losses).sum() + out.seg_loss).item()
+
+
+def test_layout_reads_rows():
+    batch = training_batch(tasks=3)
+    batch["label"][2, 0] = 1                             # a row labelled for two tasks
+    layout = BatchLayout.of(batch)
+    assert layout.task_rows == [[0, 1, 2], [2, 3], [4, 5]]
+    assert layout.cls_rows == [0, 1, 2, 3, 4, 5] and layout.seg_rows == [6]
+    assert layout.task_pos == [[0, 1, 2], [2, 3], [4, 5]]
+
+
+@pytest.mark.parametrize("name", ["equal", "igreg"])
+def test_steps_on_a_fixed_batch_lower_the_loss(name):
+    strategy = make(name, surrogate_steps=1)
+    batch = training_batch()
+    strategy.initialize([batch])
+    before = plain_loss(strategy, batch)
+    for _ in range(3):
+        logs = strategy.step(batch)
+    assert plain_loss(strategy, batch) < before
+    assert all(torch.isfinite(v) and v.dim() == 0 and not v.requires_grad for v in logs.values())
+
+
+def test_ablation_switches():
+    no_dpa, no_stdgp = make("igreg_no_dpa", surrogate_steps=1), make("igreg_no_stdgp")
+    batch = training_batch()
+    assert not hasattr(no_dpa, "dpa") and len(no_dpa.optimizers) == 3
+    assert not hasattr(no_stdgp, "surrogates") and len(no_stdgp.optimizers) == 1
+    assert set(no_dpa.step(batch)).isdisjoint({"margin", "heterogeneity", "align"})
+    assert "feature_reg" not in no_stdgp.step(batch)
+    assert no_stdgp.weighting.names == ["cls", "seg", "margin", "heterogeneity", "align"]
+
+
+def test_optimizers_and_state():
+    strategy = make()
+    main = {id(p) for g in strategy.optimizers[0].param_groups for p in g["params"]}
+    for surrogate, opt in zip(strategy.surrogates, strategy.optimizers[1:]):
+        own = {id(p) for g in opt.param_groups for p in g["params"]}
+        assert own == {id(p) for p in surrogate.parameters()} and own.isdisjoint(main)
+    assert {id(strategy.dpa.prototypes), id(strategy.weighting.log_vars)} <= main
+    keys = strategy.state_dict().keys()
+    for prefix in ("network.", "surrogates.1.", "dpa.prototypes", "dpa.initialized", "weighting.log_vars"):
+        assert any(k.startswith(prefix) for k in keys)
+    with pytest.raises(ValueError, match="unknown strategy"):
+        make("nope")
+    with pytest.raises(ValueError, match="label columns"):
+        strategy.step(training_batch(tasks=3))
+    with pytest.raises(ValueError, match="feature_distance"):
+        IGReg(IGRegNet(**TINY), LION, feature_distance="manhattan")
+
+
+def test_initialize_runs_once():
+    strategy = make()
+    batch = training_batch()
+    before = strategy.dpa.prototypes.detach().clone()
+    strategy.initialize([batch, batch])
+    after = strategy.dpa.prototypes.detach().clone()
+    assert strategy.dpa.initialized and not torch.allclose(before, after)
+    strategy.initialize([batch])
+    torch.testing.assert_close(strategy.dpa.prototypes.detach(), after)
+    no_seg = {**batch, "has_seg": torch.zeros(7, dtype=torch.bool)}
+    with pytest.raises(ValueError, match="no segmentation case"):
+        make().initialize([no_seg])
+
+
+def test_main_update_changes_no_surrogate_parameter_and_logs_every_term():
+    strategy = make(surrogate_steps=1)
+    batch = training_batch()
+    main_opt = strategy.optimizers[0]
+    seen = {}
+    original = main_opt.step
+
+    def spy(*args, **kwargs):
+        seen["before"] = [p.detach().clone() for p in strategy.surrogates.parameters()]
+        seen["grads"] = [p.grad for p in strategy.surrogates.parameters()]
+        seen["net"] = [p.detach().clone() for p in strategy.network.parameters()]
+        result = original(*args, **kwargs)
+        seen["after"] = [p.detach().clone() for p in strategy.surrogates.parameters()]
+        return result
+
+    main_opt.step = spy
+    logs = strategy.step(batch)
+    assert set(TERMS) <= set(logs) and {"loss", "surrogate", "gated", "cls_idh", "cls_grade"} <= set(logs)
+    assert strategy.weighting.names == list(TERMS)
+    assert all(g is None for g in seen["grads"])
+    for b, a in zip(seen["before"], seen["after"]):
+        torch.testing.assert_close(a, b)
+    assert any(not torch.equal(b, a) for b, a in zip(seen["net"], strategy.network.parameters()))
+
+
+def test_surrogate_update_changes_only_surrogates_each_around_its_task():
+    torch.manual_seed(0)
+    strategy = IGReg(IGRegNet(tasks=("idh", "grade"), **TINY), functools.partial(torch.optim.SGD, lr=1.0),
+                     use_dpa=False)
+    batch = training_batch()
+    layout = BatchLayout.of(batch)
+    out = strategy.forward_tasks(batch, layout)
+    net_before = [p.detach().clone() for p in strategy.network.parameters()]
+    strategy.sync_surrogates()
+    start = torch.cat([p.detach().reshape(-1) for p in strategy.surrogates[0].parameters()])
+    batches = strategy.task_batches(out, batch, layout)
+    grads, tasks, _ = task_gradients(strategy.surrogates[0], batches)
+    strategy.surrogate_update(batches, identical=True)
+    for b, p in zip(net_before, strategy.network.parameters()):
+        torch.testing.assert_close(p.detach(), b)
+    for k, s in enumerate(strategy.surrogates):
+        now = torch.cat([p.detach().reshape(-1) for p in s.parameters()])
+        torch.testing.assert_close(now - start, -task_dominant_projection(grads, k))
+
+
+def test_identical_shortcut_equals_separate_surrogate_steps():
+    a, b = make(), make()
+    batch = training_batch()
+    layout = BatchLayout.of(batch)
+    for s, identical in ((a, True), (b, False)):
+        out = s.forward_tasks(batch, layout)
+        s.sync_surrogates()
+        s.surrogate_update(s.task_batches(out, batch, layout), identical=identical)
+    for pa, pb in zip(a.surrogates.parameters(), b.surrogates.parameters()):
+        torch.testing.assert_close(pa, pb)
+
+
+def test_missing_labels_and_masks_contribute_nothing():
+    strategy = make(surrogate_steps=1)
+    batch = training_batch()
+    batch["label"][2:4, 1] = -1                          # task grade without any labelled row
+    logs = strategy.step(batch)
+    assert logs["cls_grade"] == 0 and all(torch.isfinite(v) for v in logs.values())
+    assert all(torch.isfinite(p).all() for p in strategy.parameters())
+
+    strategy.network.eval()                              # rows independent: BatchNorm on running statistics
+    base = training_batch()
+    junk = {**base, "seg": base["seg"].clone(), "image": base["image"].clone()}
+    junk["seg"][0] = 1.0                                 # a mask on a row without has_seg
+    junk["label"][2, 1] = -1                             # an unlabelled row ...
+    junk["image"][2] = 50.0                              # ... whose image changes
+    ref = training_batch()
+    ref["label"][2, 1] = -1
+    with torch.no_grad():
+        out_ref = strategy.forward_tasks(ref, BatchLayout.of(ref))
+        out_junk = strategy.forward_tasks(junk, BatchLayout.of(junk))
+    torch.testing.assert_close(out_junk.seg_loss, out_ref.seg_loss)
+    torch.testing.assert_close(out_junk.task_losses[1], out_ref.task_losses[1])
+
+
+def test_equal_weighting_is_sum_of_terms():
+    strategy = make("equal")
+    assert isinstance(strategy, EqualWeighting) and len(strategy.optimizers) == 1
+    batch = training_batch(tasks=2, per_class=2)
+    strategy = EqualWeighting(IGRegNet(tasks=("idh", "grade"), **TINY), LION)
+    logs = strategy.step(batch)
+    torch.testing.assert_close(logs["loss"], logs["cls"] + logs["seg"])
+    torch.testing.assert_close(logs["cls"], logs["cls_idh"] + logs["cls_grade"])
+
+
+def test_uncertainty_weighting_and_dice():
+    weighting = UncertaintyWeighting(["a", "b", "c"])
+    with torch.no_grad():
+        weighting.log_vars.copy_(torch.tensor([0.0, 1.0, 2.0]))
+    losses = {"a": torch.tensor(2.0), "b": torch.tensor(3.0), "c": torch.tensor(4.0)}
+    full = weighting(losses)
+    torch.testing.assert_close(full, 2.0 + 3.0 * torch.exp(torch.tensor(-1.0)) + 1.0 + 4.0 * torch.exp(
+        torch.tensor(-2.0)) + 2.0)
+    torch.testing.assert_close(weighting(losses, {"b": False, "c": torch.tensor(False)}), torch.tensor(2.0))
+    mask = torch.zeros(1, 1, 4, 4, 4)
+    mask[..., :2, :, :] = 1
+    perfect = torch.cat((-20 * mask, 20 * mask), 1) + torch.cat((20 * (1 - mask), -20 * (1 - mask)), 1)
+    assert dice_loss(perfect, mask) < 1e-4 and dice_loss(-perfect, mask) > 0.99
