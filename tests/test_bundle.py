@@ -14,6 +14,7 @@ from monai.bundle import ConfigWorkflow
 
 from conftest import BUNDLE
 from scripts.data import generate_cohort
+from scripts.inference import OutputExistsError
 
 CONFIGS = BUNDLE / "configs"
 TINY = {  # a 32^3 world at 8 mm with the narrowest network
@@ -87,15 +88,16 @@ def test_inference_properties_and_outputs_on_original_grids(trained, cohort, tmp
         for task in ("1p19q", "idh", "grade"):
             assert sum(pred[task]["probabilities"]) == pytest.approx(1.0, abs=1e-4)
         t1c = nib.load(cohort / case["t1c"])
-        mask = nib.load(out / f"{Path(case['t1c']).name[:-7]}_seg.nii.gz")
+        mask = nib.load(out / f"{case['case_id']}_seg.nii.gz")
         assert mask.shape == t1c.shape
         np.testing.assert_allclose(mask.affine, t1c.affine, atol=1e-4)
-    with pytest.raises(Exception, match="earlier run"):  # a second run into the same folder is refused
-        wf2 = ConfigWorkflow(config_file=configs("inference", "demo"), workflow_type="infer",
-                             bundle_root=str(BUNDLE), dataset_dir=str(cohort), ckpt_dir=trained["ckpt_dir"],
-                             output_dir=str(out), **TINY)
-        wf2.initialize()
+    wf2 = ConfigWorkflow(config_file=configs("inference", "demo"), workflow_type="infer",
+                         bundle_root=str(BUNDLE), dataset_dir=str(cohort), ckpt_dir=trained["ckpt_dir"],
+                         output_dir=str(out), **TINY)
+    wf2.initialize()
+    with pytest.raises(Exception) as err:  # a second run into the same folder is refused
         wf2.run()
+    assert isinstance(err.value.__cause__, OutputExistsError) and "earlier run" in str(err.value.__cause__)
 
 
 def test_inference_on_real_brats_case_returns_mask_on_its_lps_grid(trained, brats_case, tmp_path):
@@ -109,7 +111,7 @@ def test_inference_on_real_brats_case_returns_mask_on_its_lps_grid(trained, brat
     wf.initialize()
     wf.run()
     src = nib.load(brats_case["t1c"])
-    mask = nib.load(out / "BraTS2021_00000_t1ce_seg.nii.gz")
+    mask = nib.load(out / "BraTS2021_00000_seg.nii.gz")
     assert mask.shape == (240, 240, 155) and nib.aff2axcodes(mask.affine) == nib.aff2axcodes(src.affine)
     np.testing.assert_allclose(mask.affine, src.affine, atol=1e-4)
     assert json.loads((out / "BraTS2021_00000.json").read_text())["idh"]["class"] in (0, 1)

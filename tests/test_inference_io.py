@@ -37,7 +37,7 @@ def test_datalist_cases_get_ids(tmp_path):
 
 def test_output_dir_refusals(tmp_path):
     inputs = tmp_path / "in"
-    # the mask of T1C `P1.nii.gz` is written as `P1_seg.nii.gz`, which is this case's second input here
+    # the mask of case P1 is written as `P1_seg.nii.gz`, which is this case's second input here
     case = {"case_id": "P1", "t1c": str(_touch(inputs / "P1.nii.gz")), "t2w": str(_touch(inputs / "P1_seg.nii.gz"))}
     with pytest.raises(OutputExistsError, match="case 'P1': output .* would overwrite an input"):
         prepare_output_dir(str(inputs), [case])

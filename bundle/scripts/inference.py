@@ -32,8 +32,8 @@ def nifti_stem(path: str | os.PathLike) -> str:
 
 
 def mask_path(output_dir: str | os.PathLike, case: Mapping[str, Any]) -> Path:
-    """Where the predicted mask of a case goes (MONAI SaveImaged naming: `<t1c stem>_seg.nii.gz`)."""
-    return Path(output_dir) / f"{nifti_stem(case['t1c'])}_seg.nii.gz"
+    """Where the predicted mask of a case goes: `<case_id>_seg.nii.gz` (see `CaseFilenamed`)."""
+    return Path(output_dir) / f"{case_id_of(case)}_seg.nii.gz"
 
 
 def case_id_of(case: Mapping[str, Any]) -> str:
@@ -106,6 +106,17 @@ class SplitPredictiond(MapTransform):
             out = d[key]
             d["probs"] = {t: v.float().softmax(-1) for t, v in out.items() if t != self.seg_key}
             d[key] = out[self.seg_key]
+        return d
+
+
+class CaseFilenamed(MapTransform):
+    """Name the MetaTensors under `keys` after the case (`case_id`), so that SaveImaged writes
+    `<case_id>_<postfix>` and cases whose files share a name (e.g. `<case>/t1c.nii.gz`) stay apart."""
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            d[key].meta["filename_or_obj"] = case_id_of(d)
         return d
 
 
