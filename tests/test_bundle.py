@@ -139,3 +139,15 @@ def test_torchscript_export_matches_eager(trained, tmp_path):
     assert set(eager) == set(ts)
     for k in eager:
         torch.testing.assert_close(ts[k], eager[k], rtol=1e-4, atol=1e-4)
+
+
+def test_training_with_mlflow_tracking(cohort, tmp_path):
+    pytest.importorskip("mlflow")
+    out = tmp_path / "eval"
+    wf = ConfigWorkflow(config_file=configs("train", "demo"), workflow_type="train", run_id="training",
+                        bundle_root=str(BUNDLE), tracking="mlflow", epochs=1, iters_per_epoch=1,
+                        dataset_dir=str(cohort), output_dir=str(out), ckpt_dir=str(tmp_path / "models"), **TINY)
+    wf.initialize()
+    wf.run()
+    wf.finalize()
+    assert (out / "mlruns.db").stat().st_size > 0

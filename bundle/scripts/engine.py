@@ -85,7 +85,9 @@ class IGRegTrainer(Trainer):
                 {"image": img, **tgt} for img, tgt in
                 (prepare_batch(b, engine.state.device, self.non_blocking) for b in self.prototype_loader))
 
-    def _iteration(self, engine: "IGRegTrainer", batchdata: dict) -> dict[str, torch.Tensor]:
+    def _iteration(self, engine: "IGRegTrainer", batchdata: dict) -> list[dict[str, torch.Tensor]]:
+        """One strategy step; the loss terms come back as a one-item list, the shape of MONAI's
+        decollated outputs, so `from_engine(['loss'], first=True)` (e.g. MLflow tracking) reads them."""
         image, targets = prepare_batch(batchdata, engine.state.device, engine.non_blocking)
         self.strategy.train()
-        return self.strategy.step({"image": image, **targets})
+        return [self.strategy.step({"image": image, **targets})]
