@@ -10,9 +10,9 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from conftest import BUNDLE
 from monai.bundle import ConfigWorkflow
 
-from conftest import BUNDLE
 from scripts.data import generate_cohort
 from scripts.inference import OutputExistsError
 
@@ -40,8 +40,8 @@ def trained(cohort, tmp_path_factory) -> dict:
     """Two training iterations of the default IGReg strategy; returns the folders it wrote."""
     run = tmp_path_factory.mktemp("run")
     dirs = {"dataset_dir": str(cohort), "output_dir": str(run / "eval"), "ckpt_dir": str(run / "models")}
-    wf = ConfigWorkflow(config_file=configs("train", "demo"), workflow_type="train", run_id="training", bundle_root=str(BUNDLE),
-                        epochs=1, iters_per_epoch=2, **dirs, **TINY)
+    wf = ConfigWorkflow(config_file=configs("train", "demo"), workflow_type="train", run_id="training",
+                        bundle_root=str(BUNDLE), epochs=1, iters_per_epoch=2, **dirs, **TINY)
     wf.initialize()
     assert wf.check_properties() == []
     wf.run()

@@ -71,7 +71,8 @@ def _summarise(keys: list[str], most: int = 6) -> str:
     return ", ".join(groups[:most]) + more
 
 
-def load_network_weights(network: nn.Module, path: str | os.PathLike, map_location: str | torch.device = "cpu") -> nn.Module:
+def load_network_weights(network: nn.Module, path: str | os.PathLike,
+                         map_location: str | torch.device = "cpu") -> nn.Module:
     """Load a state_dict checkpoint (plain or under a `model` key) into `network`, refusing foreign weights."""
     state = safe_load(path, map_location)
     if isinstance(state, Mapping) and "model" in state and isinstance(state["model"], Mapping):

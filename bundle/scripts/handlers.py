@@ -125,8 +125,8 @@ class MetricsCSV:
     def __call__(self, engine: Engine) -> None:
         if not _is_writer():
             return
-        row = {"epoch": engine.state.epoch, **{k: v for k, v in engine.state.metrics.items()
-                                                 if isinstance(v, (int, float))}}
+        scalars = {k: v for k, v in engine.state.metrics.items() if isinstance(v, (int, float))}
+        row = {"epoch": engine.state.epoch, **scalars}
         self.path.parent.mkdir(parents=True, exist_ok=True)
         new = not self.path.exists()
         if not new:
