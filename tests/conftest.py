@@ -12,7 +12,9 @@ REPO = Path(__file__).resolve().parents[1]
 BUNDLE = REPO / "bundle"
 SHARED_DATA = REPO.parent / "shared" / "data"
 sys.path.insert(0, str(BUNDLE))
-torch.set_num_threads(1)
+torch.set_num_threads(1)  # a second OpenMP thread mostly waits for a core on a shared 2-core machine
+
+TINY_NET = dict(num_channels=4, widths=(8, 16, 16, 16), depths=(1, 1, 1, 1), cardinality=4)  # IGRegNet kwargs
 
 
 @pytest.fixture

@@ -7,15 +7,6 @@ import torch.nn.functional as F
 from scripts.dpa import PrototypeBank, VoxelPool, kmeans, mask_to_grid
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One intra-op thread: on a shared 2-core machine a second OpenMP thread mostly waits for a core."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def two_clusters(n=200, dim=8, seed=0):
     gen = torch.Generator().manual_seed(seed)
     a = torch.randn(n, dim, generator=gen) * 0.1 + 3 * torch.eye(dim)[0]

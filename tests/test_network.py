@@ -2,19 +2,9 @@
 
 import pytest
 import torch
+from conftest import TINY_NET as TINY
 
 from scripts.networks import IGRegNet
-
-TINY = dict(num_channels=4, widths=(8, 16, 16, 16), depths=(1, 1, 1, 1), cardinality=4)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One intra-op thread: on a shared 2-core machine a second OpenMP thread mostly waits for a core."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 @pytest.mark.parametrize("tasks", [("idh", "grade"), ("1p19q", "idh", "grade", "mgmt")])

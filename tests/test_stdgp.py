@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from conftest import TINY_NET as TINY
 
 from scripts.networks import IGRegNet
 from scripts.stdgp import (
@@ -13,17 +14,6 @@ from scripts.stdgp import (
     task_dominant_projection,
     task_gradients,
 )
-
-TINY = dict(num_channels=4, widths=(8, 16, 16, 16), depths=(1, 1, 1, 1), cardinality=4)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One intra-op thread: on a shared 2-core machine a second OpenMP thread mostly waits for a core."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 def reference_projection(grads, k):

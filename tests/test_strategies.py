@@ -5,24 +5,15 @@ import functools
 import lion_pytorch
 import pytest
 import torch
+from conftest import TINY_NET as TINY
 
 from scripts.networks import IGRegNet
 from scripts.objective import UncertaintyWeighting, dice_loss
 from scripts.stdgp import task_dominant_projection, task_gradients
 from scripts.strategies import TERMS, BatchLayout, EqualWeighting, IGReg, build_strategy
 
-TINY = dict(num_channels=4, widths=(8, 16, 16, 16), depths=(1, 1, 1, 1), cardinality=4)
 LION = functools.partial(lion_pytorch.Lion, lr=1e-3, weight_decay=2e-5)
 SIZE = 32
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One intra-op thread: on a shared 2-core machine a second OpenMP thread mostly waits for a core."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 def training_batch(tasks=2, per_class=1, seed=0):
