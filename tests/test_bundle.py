@@ -11,7 +11,9 @@ import numpy as np
 import pytest
 import torch
 from conftest import BUNDLE
+from ignite.engine import Events
 from monai.bundle import ConfigWorkflow
+from monai.utils import set_determinism
 
 from scripts.data import generate_cohort
 from scripts.inference import OutputExistsError
@@ -151,3 +153,26 @@ def test_training_with_mlflow_tracking(cohort, tmp_path):
     wf.run()
     wf.finalize()
     assert (out / "mlruns.db").stat().st_size > 0
+
+
+def _train(cohort, run, epochs=2, stop_at=None):
+    """Train `epochs` x 2 iterations into `run`; with `stop_at`, stop after that iteration (a crash)."""
+    wf = ConfigWorkflow(config_file=configs("train", "demo"), workflow_type="train", run_id="training",
+                        bundle_root=str(BUNDLE), epochs=epochs, iters_per_epoch=2, save_every=1,
+                        dataset_dir=str(cohort), output_dir=str(run / "eval"), ckpt_dir=str(run / "models"), **TINY)
+    wf.initialize()
+    set_determinism(seed=0)  # the network is built here, before the `training` list seeds everything
+    trainer = wf.parser.get_parsed_content("train#trainer")
+    if stop_at is not None:
+        trainer.add_event_handler(Events.ITERATION_COMPLETED(once=stop_at), lambda e: e.terminate())
+    wf.run()
+    return trainer.strategy.state_dict()
+
+
+def test_interrupted_training_resumes_to_the_same_weights(cohort, tmp_path):
+    straight = _train(cohort, tmp_path / "straight")
+    _train(cohort, tmp_path / "resumed", stop_at=3)
+    resumed = _train(cohort, tmp_path / "resumed")
+    assert set(straight) == set(resumed)
+    for k in straight:
+        torch.testing.assert_close(resumed[k], straight[k], rtol=0, atol=0, msg=k)

@@ -113,8 +113,11 @@ class TaskBalancedLoader:
         self.sampler = TaskBalancedBatchSampler(dataset.data, tasks, samples_per_class, seg_samples,
                                                 iters_per_epoch, task_ratios, base_cases, seed, rank, world_size)
         self.rows = TaskRows(dataset, tasks, augmentation)
+        # its own generator: starting an epoch's iterator must not draw from the global RNG, so that a
+        # resumed run (which starts its iterator at another point) consumes the global RNG identically
         self.loader = DataLoader(self.rows, batch_sampler=self.sampler, collate_fn=collate_rows,
-                                 num_workers=num_workers, persistent_workers=num_workers > 0)
+                                 num_workers=num_workers, persistent_workers=num_workers > 0,
+                                 generator=torch.Generator().manual_seed(int(seed)))
         self.iters_per_epoch, self.seed = int(iters_per_epoch), int(seed)
         self.epoch, self.iteration = 0, 0
 
