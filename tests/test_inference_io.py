@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from scripts.inference import OutputExistsError, case_id_of, find_cases, inference_cases, prepare_output_dir
+from scripts.inference import OutputExistsError, find_cases, inference_cases, output_name, prepare_output_dir
 
 
 def _touch(path):
@@ -32,7 +32,8 @@ def test_datalist_cases_get_ids(tmp_path):
     dl = tmp_path / "dl.json"
     dl.write_text(json.dumps({"testing": [{"t1c": "x/P7_t1ce.nii.gz", "t2w": "x/P7_t2.nii.gz"}]}))
     cases = inference_cases(datalist=str(dl))
-    assert cases[0]["case_id"] == "P7" and case_id_of({"t1c": "a/b/Q_t1c.nii"}) == "Q"
+    assert cases[0]["case_id"] == "x/P7_t1ce" and cases[0]["t1c"] == str(tmp_path / "x" / "P7_t1ce.nii.gz")
+    assert output_name(cases[0]) == "x_P7_t1ce"  # outputs of cases without a case_id stay in one folder
 
 
 def test_output_dir_refusals(tmp_path):

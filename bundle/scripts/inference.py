@@ -12,8 +12,9 @@ from typing import Any, Hashable, Mapping, Sequence
 import ignite.distributed as idist
 import torch
 from ignite.engine import Engine, Events
-from monai.data import load_decathlon_datalist
 from monai.transforms import MapTransform
+
+from scripts.data import load_datalist
 
 logger = logging.getLogger(__name__)
 
@@ -25,25 +26,14 @@ class OutputExistsError(FileExistsError):
     """The output folder already holds predictions of an earlier run."""
 
 
-def nifti_stem(path: str | os.PathLike) -> str:
-    """File name without `.nii` / `.nii.gz`."""
-    name = Path(path).name
-    return next((name[: -len(e)] for e in NIFTI if name.endswith(e)), name)
+def output_name(case: Mapping[str, Any]) -> str:
+    """File-name stem of a case's outputs: its `case_id` with path separators replaced."""
+    return str(case["case_id"]).replace("/", "_").replace(os.sep, "_")
 
 
 def mask_path(output_dir: str | os.PathLike, case: Mapping[str, Any]) -> Path:
-    """Where the predicted mask of a case goes: `<case_id>_seg.nii.gz` (see `CaseFilenamed`)."""
-    return Path(output_dir) / f"{case_id_of(case)}_seg.nii.gz"
-
-
-def case_id_of(case: Mapping[str, Any]) -> str:
-    """The case's `case_id`, else its T1C file name without the NIfTI extension and modality suffix."""
-    if case.get("case_id"):
-        return str(case["case_id"])
-    name = nifti_stem(str(case["t1c"]))
-    for suffix in MODALITY_SUFFIXES["t1c"]:
-        name = name[: -len(suffix)] if name.endswith(suffix) else name
-    return name
+    """Where the predicted mask of a case goes: `<output name>_seg.nii.gz` (see `CaseFilenamed`)."""
+    return Path(output_dir) / f"{output_name(case)}_seg.nii.gz"
 
 
 def find_cases(folder: str | os.PathLike) -> list[dict[str, str]]:
@@ -69,8 +59,7 @@ def inference_cases(datalist: str | None = None, input_dir: str | None = None, s
     if input_dir:
         return find_cases(input_dir)
     if datalist:
-        cases = load_decathlon_datalist(datalist, is_segmentation=False, data_list_key=split, base_dir=base_dir)
-        return [{"case_id": case_id_of(c), "t1c": c["t1c"], "t2w": c["t2w"]} for c in cases]
+        return [{k: c[k] for k in ("case_id", "t1c", "t2w")} for c in load_datalist(datalist, split, base_dir)]
     raise ValueError("give either `datalist` (a JSON with a 'testing' list) or `input_dir` (a folder of cases)")
 
 
@@ -80,10 +69,9 @@ def prepare_output_dir(output_dir: str, cases: Sequence[Mapping[str, Any]], over
     out = Path(output_dir).resolve()
     inputs = {Path(str(c[k])).resolve() for c in cases for k in ("t1c", "t2w") if k in c}
     for c in cases:
-        cid = case_id_of(c)
-        for target in (out / f"{cid}.json", mask_path(out, c).resolve()):
+        for target in (out / f"{output_name(c)}.json", mask_path(out, c).resolve()):
             if target in inputs:
-                raise OutputExistsError(f"case {cid!r}: output {target} would overwrite an input file")
+                raise OutputExistsError(f"case {c['case_id']!r}: output {target} would overwrite an input file")
     previous = [p for p in (out / "predictions.csv",) if p.exists()]
     if previous and not overwrite:
         raise OutputExistsError(f"{out} holds an earlier run's results ({previous[0].name}); "
@@ -110,13 +98,13 @@ class SplitPredictiond(MapTransform):
 
 
 class CaseFilenamed(MapTransform):
-    """Name the MetaTensors under `keys` after the case (`case_id`), so that SaveImaged writes
+    """Name the MetaTensors under `keys` after the case (`output_name`), so that SaveImaged writes
     `<case_id>_<postfix>` and cases whose files share a name (e.g. `<case>/t1c.nii.gz`) stay apart."""
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict:
         d = dict(data)
         for key in self.key_iterator(d):
-            d[key].meta["filename_or_obj"] = case_id_of(d)
+            d[key].meta["filename_or_obj"] = output_name(d)
         return d
 
 
@@ -136,7 +124,7 @@ class PredictionWriter:
 
     def write_cases(self, engine: Engine) -> None:
         for item, out in zip(engine.state.batch, engine.state.output):
-            case_id = case_id_of(item)
+            case_id = str(item["case_id"])
             result: dict[str, Any] = {"case_id": case_id}
             for task in self.tasks:
                 probs = torch.as_tensor(out["probs"][task]).detach().cpu()
@@ -145,7 +133,7 @@ class PredictionWriter:
                 result[task] = {"probabilities": [round(float(p), 6) for p in probs], "class": cls,
                                 **({"class_name": names[cls]} if names else {})}
             self.output_dir.mkdir(parents=True, exist_ok=True)
-            with open(self.output_dir / f"{case_id}.json", "w") as f:
+            with open(self.output_dir / f"{output_name(item)}.json", "w") as f:
                 json.dump(result, f, indent=2)
             self.rows.append({"case_id": case_id,
                               **{f"{t}_prob": result[t]["probabilities"][-1] for t in self.tasks},
