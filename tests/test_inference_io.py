@@ -3,7 +3,8 @@ import json
 
 import pytest
 
-from scripts.inference import OutputExistsError, find_cases, inference_cases, output_name, prepare_output_dir
+from scripts.data import DatalistError, find_cases
+from scripts.inference import OutputExistsError, inference_cases, output_name, prepare_output_dir
 
 
 def _touch(path):
@@ -12,19 +13,31 @@ def _touch(path):
     return path
 
 
-def test_find_cases_brats_and_flat_layouts(tmp_path):
+def test_find_cases_brats_flat_and_plain_layouts(tmp_path):
     _touch(tmp_path / "A" / "A_t1ce.nii.gz")
     _touch(tmp_path / "A" / "A_t2.nii.gz")
+    _touch(tmp_path / "A" / "A_seg.nii.gz")
     _touch(tmp_path / "B_t1c.nii")
     _touch(tmp_path / "B_t2w.nii")
+    _touch(tmp_path / "C" / "t1c.nii.gz")
+    _touch(tmp_path / "C" / "t2w.nii")
+    _touch(tmp_path / "notes" / "readme.nii.gz")  # no layout: ignored
     cases = find_cases(tmp_path)
-    assert [c["case_id"] for c in cases] == ["A", "B"]
-    assert cases[1]["t2w"].endswith("B_t2w.nii")
+    assert [c["case_id"] for c in cases] == ["A", "B", "C"]
+    assert cases[0]["seg"].endswith("A_seg.nii.gz") and "seg" not in cases[1]
+    assert cases[1]["t2w"].endswith("B_t2w.nii") and cases[2]["t2w"].endswith("C/t2w.nii")
+    inputs = inference_cases(input_dir=str(tmp_path))
+    assert [sorted(c) for c in inputs] == [["case_id", "t1c", "t2w"]] * 3  # inference never reads a mask
 
 
-def test_find_cases_names_missing_t2(tmp_path):
+def test_find_cases_names_missing_t2_and_duplicates(tmp_path):
     _touch(tmp_path / "C_t1ce.nii.gz")
-    with pytest.raises(FileNotFoundError, match="case 'C': field 't2w'"):
+    with pytest.raises(DatalistError, match="case 'C', field 't2w'"):
+        find_cases(tmp_path)
+    _touch(tmp_path / "C_t2.nii.gz")
+    _touch(tmp_path / "C" / "t1c.nii.gz")
+    _touch(tmp_path / "C" / "t2w.nii.gz")
+    with pytest.raises(DatalistError, match="case 'C', field 'case_id': found twice"):
         find_cases(tmp_path)
 
 

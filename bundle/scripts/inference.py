@@ -14,12 +14,9 @@ import torch
 from ignite.engine import Engine, Events
 from monai.transforms import MapTransform
 
-from scripts.data import load_datalist
+from scripts.data import find_cases, load_datalist
 
 logger = logging.getLogger(__name__)
-
-NIFTI = (".nii.gz", ".nii")
-MODALITY_SUFFIXES = {"t1c": ("_t1ce", "_t1c"), "t2w": ("_t2", "_t2w")}
 
 
 class OutputExistsError(FileExistsError):
@@ -36,28 +33,11 @@ def mask_path(output_dir: str | os.PathLike, case: Mapping[str, Any]) -> Path:
     return Path(output_dir) / f"{output_name(case)}_seg.nii.gz"
 
 
-def find_cases(folder: str | os.PathLike) -> list[dict[str, str]]:
-    """Cases of a folder: `<case>/<case>_t1ce|_t1c.nii[.gz]` with `_t2|_t2w`, or the same names flat."""
-    folder = Path(folder)
-    cases = []
-    for t1c in sorted(p for s in MODALITY_SUFFIXES["t1c"] for e in NIFTI for p in folder.rglob(f"*{s}{e}")):
-        stem, ext = next((t1c.name[: -len(s + e)], e) for s in MODALITY_SUFFIXES["t1c"] for e in NIFTI
-                         if t1c.name.endswith(s + e))
-        t2w = next((t1c.with_name(f"{stem}{s}{e}") for s in MODALITY_SUFFIXES["t2w"] for e in NIFTI
-                    if t1c.with_name(f"{stem}{s}{e}").exists()), None)
-        if t2w is None:
-            raise FileNotFoundError(f"case {stem!r}: field 't2w': no {stem}_t2[w]{ext} beside {t1c}")
-        cases.append({"case_id": stem, "t1c": str(t1c), "t2w": str(t2w)})
-    if not cases:
-        raise FileNotFoundError(f"no cases (<case>_t1ce.nii.gz with <case>_t2.nii.gz) under {folder}")
-    return cases
-
-
 def inference_cases(datalist: str | None = None, input_dir: str | None = None, split: str = "testing",
                     base_dir: str | None = None) -> list[dict]:
     """Cases to predict: every case found in `input_dir` if given, else the `split` list of a datalist JSON."""
     if input_dir:
-        return find_cases(input_dir)
+        return [{k: c[k] for k in ("case_id", "t1c", "t2w")} for c in find_cases(input_dir)]
     if datalist:
         return [{k: c[k] for k in ("case_id", "t1c", "t2w")} for c in load_datalist(datalist, split, base_dir)]
     raise ValueError("give either `datalist` (a JSON with a 'testing' list) or `input_dir` (a folder of cases)")

@@ -6,9 +6,10 @@ Build from case folders plus a CSV of labels, with a seeded, stratified split::
         [--val_fraction 0.2] [--test_fraction 0.2] [--folds 5 --fold 0] [--seed 0] [--absolute False]
 
 ``data_dir`` may be a list (e.g. a classification cohort and a separate segmentation cohort).
-Each sub-folder is a case in one of two layouts:
+Cases are found anywhere below them (see `scripts.data.discovery`):
 
-- BraTS: ``<case>/<case>_t1ce.nii.gz``, ``<case>_t2.nii.gz``, optional ``<case>_seg.nii.gz``;
+- BraTS: ``<case>_t1ce.nii.gz``, ``<case>_t2.nii.gz``, optional ``<case>_seg.nii.gz`` (in a case
+  folder or flat; ``_t1c`` and ``_t2w`` work too);
 - plain: ``<case>/t1c.nii.gz``, ``t2w.nii.gz``, optional ``seg.nii.gz``
 
 (``.nii`` works too). The CSV has a ``case_id`` column (the folder name) and any of the task
@@ -32,41 +33,10 @@ import fire
 import numpy as np
 
 from scripts.data.datalist import SEG_KEY, TASKS, write_datalist
+from scripts.data.discovery import find_cases
 from scripts.data.validate import DatalistError, validate_datalist
 
-LAYOUTS = {  # field -> file name pattern ("{case}" is the folder name)
-    "brats": {"t1c": "{case}_t1ce", "t2w": "{case}_t2", SEG_KEY: "{case}_seg"},
-    "plain": {"t1c": "t1c", "t2w": "t2w", SEG_KEY: "seg"},
-}
 GOLDEN = 0.6180339887498949
-
-
-def _find(folder: Path, stem: str) -> Path | None:
-    for suffix in (".nii.gz", ".nii"):
-        if (folder / f"{stem}{suffix}").is_file():
-            return folder / f"{stem}{suffix}"
-    return None
-
-
-def discover_cases(data_dirs: Sequence[str]) -> list[dict[str, Any]]:
-    """One entry ``{case_id, t1c, t2w[, seg]}`` per case folder found under ``data_dirs``
-    (folders matching neither layout are skipped; a half-complete case raises)."""
-    cases = []
-    for data_dir in data_dirs:
-        if not Path(data_dir).is_dir():
-            raise FileNotFoundError(f"data_dir not found: {data_dir}")
-        for folder in sorted(p for p in Path(data_dir).iterdir() if p.is_dir()):
-            for layout in LAYOUTS.values():
-                found = {k: _find(folder, stem.format(case=folder.name)) for k, stem in layout.items()}
-                if any(found.values()):
-                    break
-            else:
-                continue
-            for key in ("t1c", "t2w"):
-                if found[key] is None:
-                    raise DatalistError(folder.name, key, f"no file for it in {folder}")
-            cases.append({"case_id": folder.name, **{k: str(v) for k, v in found.items() if v is not None}})
-    return cases
 
 
 def read_labels(path: str, tasks: Sequence[str] = TASKS) -> dict[str, dict[str, int]]:
@@ -126,7 +96,7 @@ def build(data_dir: str | Sequence[str], labels: str | None = None, output: str 
     if not 0 <= val_fraction + test_fraction <= 1:
         raise ValueError("val_fraction + test_fraction must lie in [0, 1]")
     data_dirs = [data_dir] if isinstance(data_dir, (str, os.PathLike)) else list(data_dir)
-    cases = discover_cases(data_dirs)
+    cases = find_cases(data_dirs)
     known = read_labels(labels, tasks) if labels else {}
     missing = sorted(set(known) - {c["case_id"] for c in cases})
     if missing:

@@ -1,6 +1,7 @@
 """Glioma data: datalist, bad-input pass, transforms, task-balanced loading, demo cohort."""
 from .datalist import IMAGE_KEYS, SEG_KEY, SPLITS, TASKS, load_datalist, read_datalist, write_datalist
 from .demo_cohort import ensure_demo_cohort, generate_cohort
+from .discovery import find_cases
 from .loader import TaskBalancedLoader, TaskRows, collate_rows, make_dataset, segmentation_loader
 from .sampler import TaskBalancedBatchSampler
 from .transforms import BinarizeMaskd, EnsureMaskd, TaskLabelsd, augmentation, preprocessing
@@ -8,7 +9,8 @@ from .validate import DatalistError, check_case, validate_datalist
 
 __all__ = [
     "IMAGE_KEYS", "SEG_KEY", "SPLITS", "TASKS", "load_datalist", "read_datalist", "write_datalist",
-    "ensure_demo_cohort", "generate_cohort", "TaskBalancedLoader", "TaskRows", "collate_rows", "make_dataset",
+    "find_cases", "ensure_demo_cohort", "generate_cohort", "TaskBalancedLoader", "TaskRows", "collate_rows",
+    "make_dataset",
     "segmentation_loader", "TaskBalancedBatchSampler", "BinarizeMaskd", "EnsureMaskd", "TaskLabelsd",
     "augmentation", "preprocessing", "DatalistError", "check_case", "validate_datalist",
 ]
