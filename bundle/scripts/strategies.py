@@ -5,8 +5,11 @@ log-variances) and every optimizer, so one `state_dict()` and `optimizers` hold 
 
 Batch rows: `label[:, t] == -1` never contributes to task t; rows without `has_seg` never contribute
 to the segmentation, margin or heterogeneity losses; a term without any contributing row is zero.
-The row layout is read to the host once per step (one small transfer before any work is queued);
-after that nothing in a step waits for the device.
+The row layout is read to the host once per step (one small transfer before any work is queued).
+Every optimizer update is guarded: the update is skipped when a loss term or a gradient is not
+finite (one small host read per update), and the names of the offending terms are left in
+`strategy.skipped` for the trainer to count. Under torch.distributed the gradients are averaged
+across ranks before that check, so every rank takes the same decision and the same update.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterable, List, Sequence
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn import Parameter
@@ -31,12 +35,35 @@ from scripts.stdgp import (
     Surrogate,
     gated_feature_regularizer,
     projected_update,
-    surrogate_step,
     task_gradients,
 )
 
 OptimizerFactory = Callable[[Iterable[Parameter]], Optimizer]
 TERMS = ("cls", "seg", "margin", "heterogeneity", "align", "feature_reg")
+
+
+def average_across_ranks(tensors: Sequence[Tensor]) -> None:
+    """Replace each tensor by its mean over the ranks of the default process group (in place);
+    nothing to do outside torch.distributed or with one rank."""
+    if not tensors or not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return
+    flat = torch.cat([t.reshape(-1) for t in tensors])
+    dist.all_reduce(flat)
+    flat /= dist.get_world_size()
+    offset = 0
+    for t in tensors:
+        t.copy_(flat[offset:offset + t.numel()].view_as(t))
+        offset += t.numel()
+
+
+def non_finite_names(terms: dict[str, Tensor], grads: Sequence[Tensor] = (), grad_name: str = "gradient") -> List[str]:
+    """Names of the loss `terms` that are not finite, then `grad_name` if any of `grads` is not
+    (one host read for all of them)."""
+    checks = [torch.isfinite(v.detach()).all() for v in terms.values()]
+    if grads:
+        checks.append(torch.stack([torch.linalg.vector_norm(g.detach().float()) for g in grads]).isfinite().all())
+    ok = torch.stack(checks).tolist() if checks else []
+    return [name for name, good in zip([*terms, grad_name], ok) if not good]
 
 
 def take_rows(x: Tensor, rows: Sequence[int]) -> Tensor:
@@ -96,6 +123,7 @@ class MTLStrategy(nn.Module, abc.ABC):
         self.make_optimizer = optimizer
         self.amp = amp
         self.optimizers: List[Optimizer] = []
+        self.skipped: List[str] = []   # what made updates of the last step be skipped (empty: none)
 
     @property
     def device(self) -> torch.device:
@@ -148,11 +176,32 @@ class MTLStrategy(nn.Module, abc.ABC):
         seg_loss = segmentation_loss(seg_logits, take_rows(batch["seg"], layout.seg_rows)) if n_seg else zero
         return TaskForward(feats, cls_feature, cls_logits, task_losses, embedding, seg_loss)
 
-    def _update(self, optimizer: Optimizer, loss: Tensor) -> None:
+    def _update(self, optimizer: Optimizer, loss: Tensor, terms: dict[str, Tensor] | None = None) -> bool:
+        """Backward of `loss`, then `_apply_gradients` (`terms`: the loss's named parts, for the check)."""
         optimizer.zero_grad(set_to_none=True)
-        if loss.requires_grad:
-            loss.backward()
-            optimizer.step()
+        if not loss.requires_grad:
+            return False
+        loss.backward()
+        return self._apply_gradients(optimizer, {"loss": loss} if terms is None else terms)
+
+    def _apply_gradients(self, optimizer: Optimizer, terms: dict[str, Tensor]) -> bool:
+        """Step `optimizer` on the gradients its parameters hold, averaged across ranks first, unless
+        a term of `terms` or a gradient is not finite: then the gradients are dropped, the names are
+        added to `skipped` and False is returned."""
+        params = [p for group in optimizer.param_groups for p in group["params"] if p.requires_grad]
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            for p in params:  # a parameter unused on this rank may be used on another
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+        grads = [p.grad for p in params if p.grad is not None]
+        average_across_ranks(grads)
+        bad = non_finite_names(terms, grads)
+        if bad:
+            optimizer.zero_grad(set_to_none=True)
+            self.skipped += bad
+            return False
+        optimizer.step()
+        return True
 
     def _task_logs(self, out: TaskForward) -> dict[str, Tensor]:
         return {f"cls_{name}": loss.detach() for name, loss in zip(self.network.tasks, out.task_losses)}
@@ -167,10 +216,11 @@ class EqualWeighting(MTLStrategy):
         self.optimizers = [self.make_optimizer(self.network.parameters())]
 
     def step(self, batch: dict) -> dict[str, Tensor]:
+        self.skipped = []
         out = self.forward_tasks(batch, BatchLayout.of(batch))
         cls = torch.stack(out.task_losses).sum()
         loss = cls + out.seg_loss
-        self._update(self.optimizers[0], loss)
+        self._update(self.optimizers[0], loss, {"cls": cls, "seg": out.seg_loss})
         return {"loss": loss.detach(), "cls": cls.detach(), "seg": out.seg_loss.detach(), **self._task_logs(out)}
 
 
@@ -278,15 +328,25 @@ class IGReg(MTLStrategy):
 
         `identical` says that all surrogates hold the same parameters (right after `sync_surrogates`):
         the per-task gradients are then computed once and merged around each surrogate's task.
+        The per-task gradients are averaged across ranks before the projection; when a loss or a
+        gradient is not finite no surrogate is updated ("surrogate" goes to `skipped`).
         """
+        pairs = list(enumerate(zip(self.surrogates, self.optimizers[1:])))
         if identical:
             grads, tasks, loss = task_gradients(self.surrogates[0], task_batches, self.autocast)
-            for k, (s, opt) in enumerate(zip(self.surrogates, self.optimizers[1:])):
-                projected_update(s, opt, grads, tasks, k)
+            grads = [grads] * len(pairs)
+        else:
+            per_surrogate = [task_gradients(s, task_batches, self.autocast) for _, (s, _) in pairs]
+            grads = [g for g, _, _ in per_surrogate]
+            tasks, loss = per_surrogate[0][1], torch.stack([lo for _, _, lo in per_surrogate]).mean()
+        unique = grads[:1] if identical else grads
+        average_across_ranks(unique)
+        if non_finite_names({"surrogate": loss}, unique, "surrogate"):
+            self.skipped.append("surrogate")
             return loss
-        losses = [surrogate_step(s, opt, k, task_batches, self.autocast)
-                  for k, (s, opt) in enumerate(zip(self.surrogates, self.optimizers[1:]))]
-        return torch.stack(losses).mean()
+        for (k, (s, opt)), g in zip(pairs, grads):
+            projected_update(s, opt, g, tasks, k)
+        return loss
 
     def feature_regularizer(self, out: TaskForward, task_batches: list, layout: BatchLayout) -> tuple[Tensor, Tensor]:
         """Gated pull of the main `F_t` toward surrogate k's feature on task k's rows; the gate
@@ -306,6 +366,7 @@ class IGReg(MTLStrategy):
 
     # ---- the outer iteration --------------------------------------------------------------------
     def step(self, batch: dict) -> dict[str, Tensor]:
+        self.skipped = []
         layout = BatchLayout.of(batch)
         extra = [layout.cls_rows[random.randrange(len(layout.cls_rows))]] if self.use_dpa and layout.cls_rows else []
         out = self.forward_tasks(batch, layout, extra)
@@ -328,7 +389,7 @@ class IGReg(MTLStrategy):
             else:
                 losses["feature_reg"], present["feature_reg"] = torch.zeros_like(out.seg_loss), False
         total = self.weighting(losses, present)
-        self._update(self.optimizers[0], total)
+        self._update(self.optimizers[0], total, losses)
         logs.update({name: loss.detach() for name, loss in losses.items()})
         return {"loss": total.detach(), **logs, **self._task_logs(out)}
 
