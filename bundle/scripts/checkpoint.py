@@ -10,6 +10,8 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
+_TMP_SUFFIX = ".tmp"
+
 
 class CheckpointError(RuntimeError):
     """A checkpoint that cannot be used: unreadable, truncated, pickled objects or another model."""
@@ -22,7 +24,7 @@ def atomic_save(obj: Any, path: str | os.PathLike) -> None:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=_TMP_SUFFIX, dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
             torch.save(obj, f)
@@ -37,6 +39,13 @@ def atomic_save(obj: Any, path: str | os.PathLike) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def remove_temporaries(path: str | os.PathLike) -> None:
+    """Delete the temporary files an `atomic_save` to `path` left when its process was killed."""
+    path = Path(path)
+    for tmp in path.parent.glob(f".{path.name}.*{_TMP_SUFFIX}"):
+        tmp.unlink(missing_ok=True)
 
 
 def safe_load(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> Any:

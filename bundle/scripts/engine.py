@@ -1,11 +1,14 @@
 """The IGReg trainer: a MONAI `Trainer` whose iteration hands the task-balanced batch to a strategy.
 
 Everything else (validation, checkpoints, logs, learning-rate schedule, resume) is attached as
-handlers, as in MONAI's own workflows.
+handlers, as in MONAI's own workflows. The trainer itself watches the strategy's guarded updates:
+a step whose loss or gradient was not finite is counted, logged and undone (buffers included), and
+too many of them in a row stop training.
 """
 
 from __future__ import annotations
 
+import logging
 from typing import Any, Iterable, Sequence
 
 import torch
@@ -17,6 +20,12 @@ from torch.optim.lr_scheduler import CosineAnnealingLR
 from scripts.strategies import MTLStrategy
 
 BATCH_KEYS = ("image", "label", "seg", "has_seg")
+
+logger = logging.getLogger(__name__)
+
+
+class NonFiniteTrainingError(RuntimeError):
+    """Raised after `max_bad_steps` consecutive iterations whose update was skipped as non-finite."""
 
 
 def prepare_batch(batchdata: dict, device: torch.device | str | None = None, non_blocking: bool = False,
@@ -65,18 +74,28 @@ class IGRegTrainer(Trainer):
         prototype_loader: batches of segmentation cases used to initialise the DPA prototypes before
             the first iteration (skipped when training resumes from a saved state).
         train_handlers: MONAI / Ignite handlers to attach.
+        max_bad_steps: consecutive iterations with a skipped (non-finite) update that stop training
+            with `NonFiniteTrainingError`.
+
+    `state.skipped_steps` and `state.consecutive_skipped` count the iterations whose update the
+    strategy skipped; each step's output has `skipped` (1.0 or 0.0) beside the loss terms.
     """
 
     def __init__(self, device: torch.device | str, max_epochs: int, train_data_loader: Iterable,
                  strategy: MTLStrategy, epoch_length: int | None = None, prototype_loader: Iterable | None = None,
-                 train_handlers: Sequence | None = None, non_blocking: bool = False, **kwargs: Any) -> None:
+                 train_handlers: Sequence | None = None, non_blocking: bool = False, max_bad_steps: int = 5,
+                 **kwargs: Any) -> None:
+        if max_bad_steps < 1:
+            raise ValueError(f"max_bad_steps must be at least 1, got {max_bad_steps}")
         self.strategy = strategy
         self.network = strategy.network
         self.optimizer = strategy.optimizers[0]
         self.prototype_loader = prototype_loader
+        self.max_bad_steps = max_bad_steps
         super().__init__(device=device, max_epochs=max_epochs, data_loader=train_data_loader,
                          epoch_length=epoch_length, non_blocking=non_blocking, prepare_batch=prepare_batch,
                          handlers=train_handlers, decollate=False, **kwargs)
+        self.state.skipped_steps = self.state.consecutive_skipped = 0  # restored by TrainingState on resume
         self.add_event_handler(Events.STARTED, self._initialize_strategy)
 
     def _initialize_strategy(self, engine: "IGRegTrainer") -> None:
@@ -90,4 +109,25 @@ class IGRegTrainer(Trainer):
         decollated outputs, so `from_engine(['loss'], first=True)` (e.g. MLflow tracking) reads them."""
         image, targets = prepare_batch(batchdata, engine.state.device, engine.non_blocking)
         self.strategy.train()
-        return [self.strategy.step({"image": image, **targets})]
+        buffers = [b.clone() for b in self.strategy.buffers()]  # e.g. BatchNorm statistics, moved by the forward
+        logs = self.strategy.step({"image": image, **targets})
+        if self.strategy.skipped:
+            for buffer, before in zip(self.strategy.buffers(), buffers):
+                buffer.copy_(before)
+            self._count_skipped(engine)
+        else:
+            engine.state.consecutive_skipped = 0
+        return [{**logs, "skipped": torch.tensor(float(bool(self.strategy.skipped)))}]
+
+    def _count_skipped(self, engine: "IGRegTrainer") -> None:
+        state, names = engine.state, ", ".join(dict.fromkeys(self.strategy.skipped))
+        state.skipped_steps += 1
+        state.consecutive_skipped += 1
+        logger.warning(f"iteration {state.iteration}: update skipped, not finite: {names} "
+                       f"({state.consecutive_skipped} in a row, {state.skipped_steps} in all)")
+        if state.consecutive_skipped >= self.max_bad_steps:
+            raise NonFiniteTrainingError(
+                f"training stopped at iteration {state.iteration}: {state.consecutive_skipped} consecutive updates "
+                f"were skipped because the loss or gradients were not finite (last: {names}). The skipped updates "
+                "did not change the weights, and the last saved training state is kept: check the data (NaN or "
+                "infinite voxels) or lower the learning rate, then run the same command to resume.")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import os
 import random
 from pathlib import Path
 from typing import Any, Sequence
@@ -18,7 +19,7 @@ import numpy as np
 import torch
 from ignite.engine import Engine, Events
 
-from scripts.checkpoint import atomic_save, safe_load
+from scripts.checkpoint import CheckpointError, atomic_save, describe_mismatch, remove_temporaries, safe_load
 from scripts.plots import plot_confusion_matrices, plot_roc_curves
 
 logger = logging.getLogger(__name__)
@@ -57,12 +58,22 @@ def _set_rng_state(state: dict[str, Any]) -> None:
     np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, g))
 
 
+STATE_KEYS = ("iteration", "strategy", "optimizers", "lr_schedule", "loader", "rng", "best")
+
+
 class TrainingState:
     """Saves the whole training state every `save_every` iterations and at each epoch's end, and
     restores it when training starts again with the same `ckpt_dir` (after a crash or a kill).
 
     Held: strategy (network, surrogates, log-variances, prototypes), every optimizer, the LR
-    schedule, the iteration, RNG states, the sampler position and the evaluator's best metric.
+    schedule, the iteration, RNG states, the sampler position, the evaluator's best metric and the
+    trainer's counts of skipped updates.
+
+    An epoch's last iteration is saved at EPOCH_COMPLETED only, after the validation (list this
+    handler after the `ValidationHandler`), so a run killed during validation repeats it. Each save
+    first moves the current file aside to `<name>.prev.pt`; at start the newest readable of the two
+    is used (a damaged newest file is reported, then overwritten by the next save), and neither being
+    readable is a `CheckpointError`.
     """
 
     def __init__(self, strategy: torch.nn.Module, lr_schedule: Any, ckpt_dir: str, save_every: int = 50,
@@ -70,12 +81,18 @@ class TrainingState:
                  filename: str = "training_state.pt") -> None:
         self.strategy, self.lr_schedule, self.loader, self.evaluator = strategy, lr_schedule, loader, evaluator
         self.path = Path(ckpt_dir) / filename
+        self.previous = self.path.with_name(f"{self.path.stem}.prev{self.path.suffix}")
         self.save_every, self.resume = save_every, resume
+        self.rotate = True  # False after resuming from the previous file: a damaged newest is not kept
 
     def attach(self, engine: Engine) -> None:
         engine.add_event_handler(Events.STARTED, self.load)
-        engine.add_event_handler(Events.ITERATION_COMPLETED(every=self.save_every), self.save)
+        engine.add_event_handler(Events.ITERATION_COMPLETED(event_filter=self._within_epoch), self.save)
         engine.add_event_handler(Events.EPOCH_COMPLETED, self.save)
+
+    def _within_epoch(self, engine: Engine, iteration: int) -> bool:
+        """Every `save_every` iterations, except an epoch's last (saved after the validation)."""
+        return iteration % self.save_every == 0 and iteration % engine.state.epoch_length != 0
 
     def state(self, engine: Engine) -> dict[str, Any]:
         ev = self.evaluator.state if self.evaluator is not None else None
@@ -87,16 +104,53 @@ class TrainingState:
             "loader": self.loader.state_dict() if hasattr(self.loader, "state_dict") else {},
             "rng": _rng_state(),
             "best": {"metric": float(ev.best_metric), "epoch": int(ev.best_metric_epoch)} if ev else {},
+            "skipped": [engine.state.skipped_steps, engine.state.consecutive_skipped],
         }
 
     def save(self, engine: Engine) -> None:
         if _is_writer():
-            atomic_save(self.state(engine), self.path)
+            state = self.state(engine)
+            if self.rotate and self.path.exists():
+                os.replace(self.path, self.previous)
+            atomic_save(state, self.path)
+            self.rotate = True
+
+    def read(self) -> tuple[Path, dict[str, Any]] | None:
+        """(path, state) of the newest usable training state, None when there is none."""
+        problems = []
+        for path in (self.path, self.previous):
+            if not path.exists():
+                continue
+            try:
+                state = safe_load(path)
+                if not isinstance(state, dict) or not set(STATE_KEYS) <= set(state):
+                    raise CheckpointError(f"{str(path)!r} is not a training state (keys {STATE_KEYS} expected)")
+            except CheckpointError as e:
+                logger.warning(f"training state {path} cannot be used: {e}")
+                problems.append(str(e))
+                continue
+            if problems:
+                logger.warning(f"resuming from the previous training state {path}")
+            return path, state
+        if problems:
+            raise CheckpointError("no usable training state: " + "; ".join(problems)
+                                  + " (remove these files or set resume to false to start over)")
+        return None
 
     def load(self, engine: Engine) -> None:
-        if not (self.resume and self.path.exists()):
+        if _is_writer():
+            remove_temporaries(self.path)
+        if not self.resume:
             return
-        state = safe_load(self.path)
+        found = self.read()
+        if found is None:
+            return
+        path, state = found
+        self.rotate = path == self.path
+        diff = describe_mismatch(self.strategy.state_dict(), state["strategy"])
+        if diff:
+            raise CheckpointError(f"training state {str(path)!r} was saved with another configuration (set resume to "
+                                  "false or use another ckpt_dir to start over):\n  " + "\n  ".join(diff))
         self.strategy.load_state_dict(state["strategy"])
         for opt, st in zip(self.strategy.optimizers, state["optimizers"]):
             opt.load_state_dict(st)
@@ -108,9 +162,10 @@ class TrainingState:
         if self.evaluator is not None and state["best"]:
             self.evaluator.state.best_metric = state["best"]["metric"]
             self.evaluator.state.best_metric_epoch = state["best"]["epoch"]
+        engine.state.skipped_steps, engine.state.consecutive_skipped = state.get("skipped", (0, 0))
         engine.state.iteration = state["iteration"]
         engine.state.epoch = state["iteration"] // engine.state.epoch_length
-        logger.info(f"resumed from {self.path} at iteration {engine.state.iteration}")
+        logger.info(f"resumed from {path} at iteration {engine.state.iteration}")
 
 
 class MetricsCSV:
