@@ -108,10 +108,11 @@ class MultiTaskMetric(Metric):
             self._dice.append(dice_per_case(mask, target["seg"][has_seg] > 0.5).detach().cpu())
 
     def compute(self) -> float:
-        t_count = len(self.tasks)
-        probs = _gather(torch.cat(self._probs).to(self._device)) if self._probs else torch.zeros(0, t_count, 2)
-        labels = _gather(torch.cat(self._labels).to(self._device)) if self._labels else torch.zeros(0, t_count)
-        dice = _gather(torch.cat(self._dice).to(self._device)) if self._dice else torch.zeros(0)
+        t_count = len(self.tasks)  # every rank gathers, also one whose shard has no case (or no mask)
+        probs = _gather(torch.cat(self._probs).to(self._device) if self._probs else torch.zeros(0, t_count, 2))
+        labels = _gather(torch.cat(self._labels).to(self._device) if self._labels
+                         else torch.zeros(0, t_count, dtype=torch.long))
+        dice = _gather(torch.cat(self._dice).to(self._device) if self._dice else torch.zeros(0))
         probs, labels = probs.cpu().numpy(), labels.cpu().numpy()
         self.gathered = {"probs": probs, "labels": labels}
         tasks = {}
