@@ -1,0 +1,84 @@
+"""Gradient-conflict diagnostics: the statistics, the measurement on a strategy, and the trainer handler."""
+
+import csv
+import functools
+import math
+import random
+
+import pytest
+import torch
+from conftest import TINY_NET
+from test_gradient_strategies import TASKS, batch
+
+from scripts.diagnostics import GradientConflictLogger, conflict_stats, measure_conflicts
+from scripts.engine import IGRegTrainer
+from scripts.networks import IGRegNet
+from scripts.strategies import build_strategy
+
+SGD = functools.partial(torch.optim.SGD, lr=0.1)
+
+
+def strategy(name="equal", tasks=TASKS):
+    torch.manual_seed(0)
+    return build_strategy(name, IGRegNet(tasks=tasks, **TINY_NET), SGD)
+
+
+def with_seg_loss(s, sign):
+    """Make the strategy's segmentation loss `sign` times its (single) classification loss."""
+    original = s.forward_tasks
+
+    def forward(*args, **kwargs):
+        out = original(*args, **kwargs)
+        out.seg_loss = sign * out.task_losses[0]
+        return out
+
+    s.forward_tasks = forward
+    return s
+
+
+def test_conflict_stats_by_hand():
+    g = torch.tensor([[1.0, 0.0], [0.0, 2.0], [-1.0, -1.0], [0.0, 0.0]])
+    stats = conflict_stats(g, ["a", "b", "c", "d"])
+    torch.testing.assert_close(stats.norms, torch.tensor([1.0, 2.0, math.sqrt(2), 0.0]))
+    assert stats.cosines[0, 1] == 0 and stats.cosines[0, 2] == pytest.approx(-1 / math.sqrt(2))
+    assert math.isnan(stats.cosines[0, 3])                     # no cosine with a zero gradient
+    assert stats.conflict_fraction == pytest.approx(2 / 3)     # (a, c) and (b, c) of the three defined pairs
+    row = stats.row()
+    assert list(row)[:5] == ["conflict_fraction", "norm_a", "norm_b", "norm_c", "norm_d"]
+    assert row["cos_b_c"] == pytest.approx(-1 / math.sqrt(2)) and "cos_c_b" not in row
+
+
+@pytest.mark.parametrize("sign, fraction", [(-1.0, 1.0), (1.0, 0.0)])
+def test_opposed_losses_conflict_and_identical_ones_do_not(sign, fraction):
+    s = with_seg_loss(strategy(tasks=("idh",)), sign)
+    data = batch()
+    data["label"] = data["label"][:, 1:2]                      # only the idh column
+    stats = measure_conflicts(s, data)
+    assert stats.names == ["idh", "seg"] and stats.conflict_fraction == fraction
+    assert stats.cosines[0, 1] == pytest.approx(sign, abs=1e-5)
+    assert stats.norms[0] > 0 and stats.norms[0] == pytest.approx(float(stats.norms[1]), rel=1e-5)
+
+
+def train(tmp_path, every, iterations=4):
+    """A few PCGrad iterations (PCGrad draws from `random`) through the trainer; returns the final state."""
+    s = strategy("pcgrad")
+    random.seed(0)
+    data = [batch(seed=i) for i in range(iterations)]
+    handlers = [GradientConflictLogger(s, every, str(tmp_path))]
+    IGRegTrainer("cpu", max_epochs=1, train_data_loader=data, strategy=s, epoch_length=iterations,
+                 train_handlers=handlers).run()
+    return s.state_dict(), (torch.get_rng_state(), random.getstate())
+
+
+def test_logger_writes_csv_and_tensorboard_and_leaves_training_unchanged(tmp_path):
+    logged, rng_logged = train(tmp_path / "on", every=2)
+    plain, rng_plain = train(tmp_path / "off", every=0)
+    for k in plain:                                            # weights, BatchNorm statistics included
+        torch.testing.assert_close(logged[k], plain[k], rtol=0, atol=0, msg=k)
+    assert torch.equal(rng_logged[0], rng_plain[0]) and rng_logged[1] == rng_plain[1]
+    rows = list(csv.DictReader(open(tmp_path / "on" / "gradient_conflicts.csv")))
+    assert [int(r["iteration"]) for r in rows] == [2, 4]
+    assert {"conflict_fraction", "norm_1p19q", "norm_seg", "cos_1p19q_idh", "cos_grade_seg"} <= set(rows[0])
+    assert all(0 <= float(r["conflict_fraction"]) <= 1 and float(r["norm_seg"]) > 0 for r in rows)
+    assert list((tmp_path / "on").glob("events.out.tfevents.*"))
+    assert not (tmp_path / "off").exists()
