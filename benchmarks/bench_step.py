@@ -1,0 +1,260 @@
+"""Speed and memory of one IGReg outer iteration against one plain multi-task step.
+
+On one fixed random batch (two cases per classification task, one segmentation case) and after
+warm-up, it times (a) one IGReg outer iteration (copy into the surrogates, the surrogate steps, the
+main step) and (b) one equal-weighting step (task cross-entropies + segmentation Dice, one forward,
+one backward, one optimizer step) of the same network, built from `configs/train.yaml`. Each runs in
+a fresh child process (this script with `--_mode`), so its peak memory is the peak RSS of that whole
+process on CPU (interpreter, imports, network, optimizer states, activations: nothing subtracted),
+or `torch.cuda.max_memory_allocated` on CUDA. A third child times the training loader of the demo
+configuration (`train.yaml` + `demo.yaml`, its dataset cache) and the configured strategy's step on
+those batches with the demo network, so that loading can be compared with training. Prints one JSON
+line. Run from the repository root:
+
+    python benchmarks/bench_step.py --size 64 64 64
+    python benchmarks/bench_step.py --device cuda --amp --size 160 192 160
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable, Iterable, Iterator
+
+BUNDLE = Path(__file__).resolve().parents[1] / "bundle"
+sys.path.insert(0, str(BUNDLE))
+
+import torch  # noqa: E402
+
+if TYPE_CHECKING:
+    from monai.bundle import ConfigParser
+
+    from scripts.strategies import MTLStrategy
+
+TINY_NET = {"num_channels": 4, "widths": [8, 16, 16, 16], "depths": [1, 1, 1, 1], "cardinality": 4}
+STRATEGY_OF_MODE = {"igreg": "igreg", "plain": "equal"}
+
+
+def load_config(demo: bool, tiny: bool, demo_dir: str | None = None) -> ConfigParser:
+    """`train.yaml` (+ `demo.yaml`) with the bundle root set; `tiny` shrinks the network (tests)."""
+    from monai.bundle import ConfigParser  # imported by the child processes only
+
+    parser = ConfigParser()
+    parser.read_config([str(BUNDLE / "configs" / name) for name in ["train.yaml"] + (["demo.yaml"] if demo else [])])
+    parser["bundle_root"] = str(BUNDLE)
+    if demo_dir is not None:
+        parser["dataset_dir"] = parser["demo_dir"] = demo_dir
+    if tiny:
+        for key, value in TINY_NET.items():
+            parser[f"network_def#{key}"] = value
+    return parser
+
+
+def build(parser: ConfigParser, name: str, device: torch.device, amp: bool) -> MTLStrategy:
+    """The strategy `name` around the configured network, Lion optimizer and IGReg options."""
+    from scripts.strategies import build_strategy
+
+    network = parser.get_parsed_content("network_def").to(device)
+    return build_strategy(name, network, parser.get_parsed_content("optimizer"), amp,
+                          parser.get_parsed_content("igreg"))
+
+
+def fixed_batch(tasks: int, size: list[int], device: torch.device, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Task t's class-0 and class-1 rows for every task, then one segmentation row with a box tumor."""
+    gen = torch.Generator().manual_seed(seed)
+    n = 2 * tasks
+    label = torch.full((n + 1, tasks), -1, dtype=torch.long)
+    for t in range(tasks):
+        label[2 * t:2 * t + 2, t] = torch.tensor([0, 1])
+    seg = torch.zeros(n + 1, 1, *size)
+    seg[-1, :, size[0] // 4:size[0] // 2, size[1] // 3:2 * size[1] // 3, size[2] // 4:size[2] // 2] = 1
+    has_seg = torch.zeros(n + 1, dtype=torch.bool)
+    has_seg[-1] = True
+    image = torch.randn(n + 1, 2, *size, generator=gen) + 2 * seg
+    batch = {"image": image, "label": label, "seg": seg, "has_seg": has_seg}
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+class PartTimer:
+    """Wall time spent in chosen methods or module functions, summed per label and per step."""
+
+    def __init__(self, sync: Callable[[], None]) -> None:
+        self.sync, self.totals = sync, defaultdict(float)
+        self.steps: list[dict[str, float]] = []
+
+    def wrap(self, owner: object, attribute: str, label: str) -> None:
+        inner = getattr(owner, attribute)
+
+        def timed(*args, **kwargs):
+            self.sync()
+            start = time.perf_counter()
+            try:
+                return inner(*args, **kwargs)
+            finally:
+                self.sync()
+                self.totals[label] += time.perf_counter() - start
+
+        setattr(owner, attribute, timed)
+
+    def end_step(self, keep: bool) -> None:
+        """Close the current step's totals (kept for `medians` when `keep`)."""
+        if keep:
+            self.steps.append(dict(self.totals))
+        self.totals.clear()
+
+    def medians(self) -> dict[str, float]:
+        return {k: statistics.median(step.get(k, 0.0) for step in self.steps) for k in self.steps[0]}
+
+
+def time_calls(call: Callable[[], object], warmup: int, repeats: int, sync: Callable[[], None],
+               timer: PartTimer | None = None) -> tuple[list[float], list[float]]:
+    """Wall and process CPU seconds of each of `repeats` calls of `call` after `warmup` untimed ones
+    (`timer` keeps the parts of the timed ones)."""
+    wall, cpu = [], []
+    for i in range(warmup + repeats):
+        sync()
+        start, start_cpu = time.perf_counter(), time.process_time()
+        call()
+        sync()
+        if i >= warmup:
+            wall.append(time.perf_counter() - start)
+            cpu.append(time.process_time() - start_cpu)
+        if timer is not None:
+            timer.end_step(keep=i >= warmup)
+    return wall, cpu
+
+
+def peak_mib(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2 ** 20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def step_child(args: argparse.Namespace) -> dict:
+    """One strategy on the fixed batch: step times, peak memory and (with --parts) a time breakdown."""
+    import scripts.strategies
+
+    device = torch.device(args.device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    parser = load_config(demo=False, tiny=args.tiny)
+    strategy = build(parser, STRATEGY_OF_MODE[args._mode], device, args.amp)
+    batch = fixed_batch(len(strategy.network.tasks), args.size, device)
+    strategy.initialize([batch])
+    timer = None
+    if args.parts:
+        timer = PartTimer(sync)
+        timer.wrap(scripts.strategies, "non_finite_names", "guard")
+        for attribute, label in [("forward_tasks", "forward"), ("dpa_losses", "dpa_losses"),
+                                 ("sync_surrogates", "copy"), ("surrogate_update", "surrogate_updates"),
+                                 ("feature_regularizer", "feature_reg"), ("_update", "main_backward_step")]:
+            if hasattr(strategy, attribute):
+                timer.wrap(strategy, attribute, label)
+    times, cpu = time_calls(lambda: strategy.step(batch), args.warmup, args.repeats, sync, timer)
+    out = {"step_s": statistics.median(times), "times_s": [round(t, 3) for t in times], "cpu_s": statistics.median(cpu),
+           "peak_mib": peak_mib(device), "threads": torch.get_num_threads(), "skipped": strategy.skipped}
+    if timer is not None:
+        out["parts_s"] = {k: round(v, 3) for k, v in timer.medians().items()}
+    return out
+
+
+def endless(loader: Iterable[dict]) -> Iterator[dict]:
+    """The loader's batches, pass after pass."""
+    while True:
+        yield from loader
+
+
+def data_child(args: argparse.Namespace) -> dict:
+    """Demo configuration: time to fill the dataset cache, per training batch, and per step of the
+    configured strategy (demo network) on those batches."""
+    from scripts.data import ensure_demo_cohort
+
+    device = torch.device(args.device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    parser = load_config(demo=True, tiny=args.tiny, demo_dir=str(Path(args.demo_dir).resolve()))
+    ensure_demo_cohort(parser.get_parsed_content("dataset_dir"))
+    start = time.perf_counter()
+    parser.get_parsed_content("train#dataset")
+    cache_s = time.perf_counter() - start
+    batches = endless(parser.get_parsed_content("train#dataloader"))
+    load_times, _ = time_calls(lambda: next(batches), args.warmup, args.repeats, lambda: None)
+    strategy = build(parser, parser["mtl_strategy"], device, args.amp)
+    on_device = [{k: v.to(device) for k, v in next(batches).items()} for _ in range(1 + args.warmup + args.repeats)]
+    strategy.initialize(on_device[:1])
+    queue = iter(on_device[1:])
+    step_times, _ = time_calls(lambda: strategy.step(next(queue)), args.warmup, args.repeats, sync)
+    return {"cache": parser["cache"], "cache_s": cache_s, "batch_s": statistics.median(load_times),
+            "spatial_size": parser["spatial_size"], "strategy": parser["mtl_strategy"],
+            "step_s": statistics.median(step_times)}
+
+
+def run_child(args: argparse.Namespace, mode: str) -> dict:
+    """This script in a fresh process with `--_mode mode`; its last stdout line is its JSON result."""
+    command = [sys.executable, str(Path(__file__).resolve()), "--_mode", mode, "--size", *map(str, args.size),
+               "--device", args.device, "--repeats", str(args.repeats), "--warmup", str(args.warmup),
+               "--demo_dir", args.demo_dir]
+    command += ["--threads", str(args.threads)] if args.threads else []
+    command += [flag for flag, on in [("--amp", args.amp), ("--tiny", args.tiny), ("--parts", args.parts)] if on]
+    done = subprocess.run(command, stdout=subprocess.PIPE, check=True, text=True)
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--size", type=int, nargs=3, default=[64, 64, 64], metavar=("H", "W", "D"),
+                        help="volume size of the fixed batch (each side divisible by 16)")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--amp", action="store_true", help="bf16 autocast (CUDA only, as the bundle's `amp`)")
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    parser.add_argument("--repeats", type=int, default=3, help="timed steps; the median is reported")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed steps before the timed ones")
+    parser.add_argument("--demo_dir", default=str(BUNDLE / "demo_data"),
+                        help="demo cohort for the data-loading figures (generated when absent)")
+    parser.add_argument("--skip_data", action="store_true", help="leave out the data-loading figures")
+    parser.add_argument("--parts", action="store_true", help="add the time per part of each step")
+    parser.add_argument("--tiny", action="store_true", help="a tiny network instead of the configured ones (tests)")
+    parser.add_argument("--_mode", choices=["igreg", "plain", "data"], help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.amp and args.device != "cuda":
+        parser.error("--amp needs --device cuda (the bundle ignores amp on CPU)")
+    if any(s % 16 for s in args.size):
+        parser.error("every side of --size must be divisible by 16")
+    if args._mode:
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        torch.manual_seed(0)
+        result = data_child(args) if args._mode == "data" else step_child(args)
+        print(json.dumps(result))
+        return
+    igreg, plain = run_child(args, "igreg"), run_child(args, "plain")
+    report = {"size": args.size, "device": args.device, "threads": igreg["threads"],
+              "igreg_s": round(igreg["step_s"], 3), "plain_s": round(plain["step_s"], 3),
+              "ratio": round(igreg["step_s"] / plain["step_s"], 2),
+              "igreg_peak_mib": round(igreg["peak_mib"]), "plain_peak_mib": round(plain["peak_mib"]),
+              "mem_ratio": round(igreg["peak_mib"] / plain["peak_mib"], 2),
+              "peak": "max_memory_allocated" if args.device == "cuda" else "peak RSS of a fresh process",
+              "amp": args.amp, "repeats": args.repeats, "warmup": args.warmup,
+              "igreg_times_s": igreg["times_s"], "plain_times_s": plain["times_s"],
+              "ratio_best": round(min(igreg["times_s"]) / min(plain["times_s"]), 2),
+              "igreg_cpu_s": round(igreg["cpu_s"], 3), "plain_cpu_s": round(plain["cpu_s"], 3),
+              "skipped": igreg["skipped"] + plain["skipped"], "load_avg_1min": round(os.getloadavg()[0], 2)}
+    if args.parts:
+        report.update(igreg_parts_s=igreg["parts_s"], plain_parts_s=plain["parts_s"])
+    if not args.skip_data:
+        data = run_child(args, "data")
+        report.update(batch_s=round(data["batch_s"], 3), demo_step_s=round(data["step_s"], 3),
+                      data_keeps_up=data["batch_s"] < data["step_s"],
+                      demo={k: data[k] for k in ("spatial_size", "cache", "strategy")},
+                      cache_fill_s=round(data["cache_s"], 1))
+    print(json.dumps(report))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,72 @@
+"""benchmarks/: the step benchmark's report and the memory estimate's tensor accounting."""
+
+import argparse
+import gc
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import REPO
+
+sys.path.insert(0, str(REPO / "benchmarks"))
+from bench_step import data_child  # noqa: E402
+from memory_estimate import CudaAutocastPolicy, LiveTensorBytes, fit_line  # noqa: E402
+
+from scripts.data import generate_cohort  # noqa: E402
+
+
+def test_bench_step_prints_one_json_report():
+    command = [sys.executable, str(REPO / "benchmarks" / "bench_step.py"), "--tiny", "--size", "32", "32", "32",
+               "--repeats", "2", "--warmup", "0", "--threads", "1", "--skip_data", "--parts"]
+    report = json.loads(subprocess.run(command, stdout=subprocess.PIPE, check=True, text=True).stdout)
+    assert report["size"] == [32, 32, 32] and report["device"] == "cpu" and report["threads"] == 1
+    assert report["igreg_s"] > 0 and report["plain_s"] > 0 and report["skipped"] == []
+    assert report["ratio"] == pytest.approx(report["igreg_s"] / report["plain_s"], rel=0.02)   # inputs rounded
+    assert report["mem_ratio"] == pytest.approx(report["igreg_peak_mib"] / report["plain_peak_mib"], rel=0.02)
+    assert report["plain_peak_mib"] > 100                      # a whole process with torch loaded
+    assert len(report["igreg_times_s"]) == 2 and sorted(report["igreg_times_s"])[0] <= report["igreg_s"]
+    assert {"forward", "surrogate_updates", "main_backward_step", "guard"} <= set(report["igreg_parts_s"])
+    assert "surrogate_updates" not in report["plain_parts_s"]
+    assert "batch_s" not in report
+
+
+def test_data_child_times_the_demo_loader_and_step(tmp_path):
+    generate_cohort(tmp_path, seed=0, n_train_cls=12, n_train_seg=4, n_val=2, n_test=1, spacing=8.0)
+    args = argparse.Namespace(device="cpu", amp=False, tiny=True, demo_dir=str(tmp_path), warmup=0, repeats=1)
+    out = data_child(args)
+    assert out["cache"] == "memory" and out["spatial_size"] == [48, 48, 48] and out["strategy"] == "igreg"
+    assert out["batch_s"] > 0 and out["step_s"] > 0 and out["cache_s"] > 0
+
+
+def test_live_tensor_bytes_counts_storages_until_freed():
+    with LiveTensorBytes() as live:
+        x = torch.empty(1000)
+        view, y = x.view(10, 100), x + 1
+        assert live.now == 8000
+        del x, y
+        gc.collect()
+        assert live.now == 4000                              # the view keeps x's storage
+        del view
+        gc.collect()
+        assert live.now == 0 and live.peak == 8000
+
+
+def test_cuda_autocast_policy_casts_like_cuda():
+    conv, norm, act = torch.nn.Conv3d(2, 4, 3, padding=1), torch.nn.GroupNorm(2, 4), torch.nn.PReLU()
+    with CudaAutocastPolicy():
+        a = conv(torch.randn(1, 2, 4, 4, 4))
+        b = norm(a)
+        c = act(b)
+        d = torch.softmax(c, 1)
+        e = F.interpolate(c, scale_factor=2.0, mode="trilinear")
+    expected = (torch.bfloat16, torch.float32, torch.bfloat16, torch.float32, torch.bfloat16)
+    assert (a.dtype, b.dtype, c.dtype, d.dtype, e.dtype) == expected
+    d.sum().backward()
+    assert conv.weight.grad.dtype == torch.float32
+
+
+def test_fit_line():
+    assert fit_line([1, 2, 3], [3, 5, 7]) == (1.0, 2.0)
