@@ -27,6 +27,7 @@ from torch import Tensor, nn
 from torch.nn import Parameter
 from torch.optim import Optimizer
 
+from scripts.distributed import broadcast_module, rank, world_size
 from scripts.dpa import PrototypeBank, VoxelPool, mask_to_grid
 from scripts.networks import IGRegNet
 from scripts.objective import UncertaintyWeighting, segmentation_loss
@@ -54,6 +55,36 @@ def average_across_ranks(tensors: Sequence[Tensor]) -> None:
     for t in tensors:
         t.copy_(flat[offset:offset + t.numel()].view_as(t))
         offset += t.numel()
+
+
+def average_with_terms(tensors: Sequence[Tensor], terms: dict[str, Tensor]) -> dict[str, Tensor]:
+    """`average_across_ranks(tensors)`, and `terms` to check: under torch.distributed with several
+    ranks they gain "any_rank", NaN when a term of some rank is not finite, so that
+    `non_finite_names` answers the same on every rank (the averaged tensors already agree)."""
+    if world_size() == 1 or not terms:
+        average_across_ranks(tensors)
+        return terms
+    flag = torch.stack([torch.isfinite(v.detach()).all() for v in terms.values()]).all().logical_not().float()
+    flag = flag.reshape(1)
+    average_across_ranks([*tensors, flag])
+    return {**terms, "any_rank": flag.masked_fill(flag > 0, float("nan")).squeeze(0)}
+
+
+def share_gradients(params: Sequence[Parameter], terms: dict[str, Tensor]) -> tuple[List[Tensor], dict[str, Tensor]]:
+    """The gradients that `params` hold, averaged across ranks (in place), and the terms to check
+    (see `average_with_terms`). Under torch.distributed with several ranks a parameter without a
+    gradient counts as zero on this rank, and keeps none when no rank has one, as in one process."""
+    if world_size() == 1 or not params:
+        return [p.grad for p in params if p.grad is not None], terms
+    used = torch.tensor([p.grad is not None for p in params], dtype=torch.float32).to(params[0].device)
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    checks = average_with_terms([*(p.grad for p in params), used], terms)
+    for p, share in zip(params, used.tolist()):
+        if share == 0:
+            p.grad = None
+    return [p.grad for p in params if p.grad is not None], checks
 
 
 def non_finite_names(terms: dict[str, Tensor], grads: Sequence[Tensor] = (), grad_name: str = "gradient") -> List[str]:
@@ -189,13 +220,8 @@ class MTLStrategy(nn.Module, abc.ABC):
         a term of `terms` or a gradient is not finite: then the gradients are dropped, the names are
         added to `skipped` and False is returned."""
         params = [p for group in optimizer.param_groups for p in group["params"] if p.requires_grad]
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            for p in params:  # a parameter unused on this rank may be used on another
-                if p.grad is None:
-                    p.grad = torch.zeros_like(p)
-        grads = [p.grad for p in params if p.grad is not None]
-        average_across_ranks(grads)
-        bad = non_finite_names(terms, grads)
+        grads, checks = share_gradients(params, terms)
+        bad = non_finite_names(checks, grads)
         if bad:
             optimizer.zero_grad(set_to_none=True)
             self.skipped += bad
@@ -276,9 +302,17 @@ class IGReg(MTLStrategy):
     @torch.no_grad()
     def initialize(self, seg_batches: Iterable[dict]) -> None:
         """k-means initialisation of the prototypes from the segmentation cases of `seg_batches`
-        (skipped without DPA or when the prototypes were already initialised, e.g. on resume)."""
+        (skipped without DPA or when the prototypes were already initialised, e.g. on resume).
+        Under torch.distributed rank 0 computes them, then broadcasts the whole state (the prototypes,
+        and the BatchNorm statistics its forward passes moved) to the other ranks."""
         if not self.use_dpa or bool(self.dpa.initialized):
             return
+        if rank() == 0:
+            self._kmeans_prototypes(seg_batches)
+        broadcast_module(self)
+
+    @torch.no_grad()
+    def _kmeans_prototypes(self, seg_batches: Iterable[dict]) -> None:
         pool, net, was_training = VoxelPool(self.init_voxels), self.network, self.network.training
         net.train()
         for batch in seg_batches:
@@ -340,8 +374,7 @@ class IGReg(MTLStrategy):
             grads = [g for g, _, _ in per_surrogate]
             tasks, loss = per_surrogate[0][1], torch.stack([lo for _, _, lo in per_surrogate]).mean()
         unique = grads[:1] if identical else grads
-        average_across_ranks(unique)
-        if non_finite_names({"surrogate": loss}, unique, "surrogate"):
+        if non_finite_names(average_with_terms(unique, {"surrogate": loss}), unique, "surrogate"):
             self.skipped.append("surrogate")
             return loss
         for (k, (s, opt)), g in zip(pairs, grads):
@@ -406,7 +439,16 @@ STRATEGIES: dict[str, Callable[..., MTLStrategy]] = {
     "igreg_no_dpa": _igreg(use_dpa=False),
     "igreg_no_stdgp": _igreg(use_stdgp=False),
     "equal": lambda network, optimizer, amp, igreg: EqualWeighting(network, optimizer, amp),
+    "uncertainty": lambda network, optimizer, amp, igreg: _baseline("UncertaintyOnly")(network, optimizer, amp),
+    "pcgrad": lambda network, optimizer, amp, igreg: _baseline("PCGrad")(network, optimizer, amp),
+    "cagrad": lambda network, optimizer, amp, igreg: _baseline("CAGrad")(network, optimizer, amp),
 }
+
+
+def _baseline(name: str) -> Callable[..., MTLStrategy]:
+    """A strategy class of `scripts.gradient_strategies` (imported on use: that module imports this one)."""
+    from scripts import gradient_strategies
+    return getattr(gradient_strategies, name)
 
 
 def build_strategy(name: str, network: IGRegNet, optimizer: OptimizerFactory, amp: bool = False,
