@@ -8,7 +8,6 @@ are not touched, and the BatchNorm running statistics that the extra forward mov
 
 from __future__ import annotations
 
-import csv
 import itertools
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +21,7 @@ from torch.utils.tensorboard import SummaryWriter
 
 from scripts.engine import prepare_batch
 from scripts.gradient_strategies import all_task_losses, flatten, shared_parameters, task_gradients
+from scripts.handlers import append_csv_row
 from scripts.strategies import BatchLayout, MTLStrategy
 
 
@@ -104,19 +104,7 @@ class GradientConflictLogger:
         for name, value in row.items():
             self.writer.add_scalar(f"gradients/{name}", value, engine.state.iteration)
         self.writer.flush()
-        self._append({"iteration": engine.state.iteration, **row})
-
-    def _append(self, row: dict[str, float]) -> None:
-        new = not self.path.exists()
-        if not new:
-            with open(self.path) as f:
-                if next(csv.reader(f), []) != list(row):
-                    new, self.path = True, self.path.with_name(f"{self.path.stem}_{row['iteration']}.csv")
-        with open(self.path, "a", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(row))
-            if new:
-                writer.writeheader()
-            writer.writerow(row)
+        self.path = append_csv_row(self.path, {"iteration": engine.state.iteration, **row}, engine.state.iteration)
 
     def close(self, engine: Engine | None = None) -> None:
         if self.writer is not None:

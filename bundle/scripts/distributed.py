@@ -5,7 +5,7 @@ Each is a no-op, or runs as in a single process, when no process group is initia
 
 from __future__ import annotations
 
-from typing import Any, Callable, TypeVar
+from typing import Any, Callable, Sequence, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -23,6 +23,25 @@ def world_size() -> int:
 def rank() -> int:
     """This process's rank in the default process group (0 outside torch.distributed)."""
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+@torch.no_grad()
+def average_across_ranks(tensors: Sequence[Tensor]) -> None:
+    """Replace each tensor by its mean over the ranks (in place, one all-reduce for all of them);
+    nothing to do outside torch.distributed or with one rank."""
+    if not tensors or world_size() == 1:
+        return
+    flat = torch.cat([t.reshape(-1) for t in tensors])
+    dist.all_reduce(flat)
+    flat /= world_size()
+    _unflatten(flat, tensors)
+
+
+def _unflatten(flat: Tensor, tensors: Sequence[Tensor]) -> None:
+    offset = 0
+    for t in tensors:
+        t.copy_(flat[offset:offset + t.numel()].view_as(t))
+        offset += t.numel()
 
 
 @torch.no_grad()
@@ -49,16 +68,12 @@ def sync_buffers(module: nn.Module) -> None:
     for buffer in module.buffers():
         groups.setdefault(buffer.dtype, []).append(buffer)
     for dtype, buffers in groups.items():
-        flat = torch.cat([b.detach().reshape(-1) for b in buffers])
         if dtype.is_floating_point:
-            dist.all_reduce(flat)
-            flat /= world_size()
+            average_across_ranks(buffers)
         else:
+            flat = torch.cat([b.detach().reshape(-1) for b in buffers])
             dist.broadcast(flat.view(torch.uint8), 0)
-        offset = 0
-        for b in buffers:
-            b.copy_(flat[offset:offset + b.numel()].view_as(b))
-            offset += b.numel()
+            _unflatten(flat, buffers)
 
 
 class BufferSync:

@@ -29,6 +29,24 @@ def _is_writer() -> bool:
     return idist.get_rank() == 0
 
 
+def append_csv_row(path: Path, row: dict[str, Any], tag: Any) -> Path:
+    """Append `row` to the CSV at `path` (header first when new); a file whose header differs (a
+    resumed run with other columns) is left alone and `<stem>_<tag>.csv` is used instead. Returns
+    the file written."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    new = not path.exists()
+    if not new:
+        with open(path) as f:
+            if next(csv.reader(f), []) != list(row):
+                new, path = True, path.with_name(f"{path.stem}_{tag}.csv")
+    with open(path, "a", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(row))
+        if new:
+            writer.writeheader()
+        writer.writerow(row)
+    return path
+
+
 class BestModelSaver:
     """After each validation that improves the key metric, save the network's state_dict (only)."""
 
@@ -182,18 +200,7 @@ class MetricsCSV:
             return
         scalars = {k: v for k, v in engine.state.metrics.items() if isinstance(v, (int, float))}
         row = {"epoch": engine.state.epoch, **scalars}
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        new = not self.path.exists()
-        if not new:
-            with open(self.path) as f:
-                header = next(csv.reader(f), [])
-            if header != list(row):
-                new, self.path = True, self.path.with_name(f"{self.path.stem}_{engine.state.epoch}.csv")
-        with open(self.path, "a", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=list(row))
-            if new:
-                w.writeheader()
-            w.writerow(row)
+        self.path = append_csv_row(self.path, row, engine.state.epoch)
 
 
 class EvaluationReport:

@@ -99,16 +99,6 @@ def projected_update(surrogate: Surrogate, optimizer: Optimizer, grads: Tensor, 
     optimizer.zero_grad(set_to_none=True)
 
 
-def surrogate_step(surrogate: Surrogate, optimizer: Optimizer, dominant: int,
-                   task_batches: Sequence[Tuple[int, List[Tensor], Tensor]],
-                   autocast: Callable[[], AbstractContextManager] = nullcontext) -> Tensor:
-    """One projected update of `surrogate` around task `dominant`; returns the summed task losses
-    before the update (see `task_gradients`)."""
-    grads, tasks, loss = task_gradients(surrogate, task_batches, autocast)
-    projected_update(surrogate, optimizer, grads, tasks, dominant)
-    return loss
-
-
 def feature_distance(a: Tensor, b: Tensor, kind: str = "l2") -> Tensor:
     """Per-row distance of two feature batches [N, D] -> [N]: l2 (Euclidean), mse (mean squared
     difference) or cosine (1 - cosine similarity)."""

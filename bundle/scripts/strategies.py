@@ -21,13 +21,12 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterable, List, Sequence
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn import Parameter
 from torch.optim import Optimizer
 
-from scripts.distributed import broadcast_module, rank, world_size
+from scripts.distributed import average_across_ranks, broadcast_module, rank, world_size
 from scripts.dpa import PrototypeBank, VoxelPool, mask_to_grid
 from scripts.networks import IGRegNet
 from scripts.objective import UncertaintyWeighting, segmentation_loss
@@ -41,20 +40,6 @@ from scripts.stdgp import (
 
 OptimizerFactory = Callable[[Iterable[Parameter]], Optimizer]
 TERMS = ("cls", "seg", "margin", "heterogeneity", "align", "feature_reg")
-
-
-def average_across_ranks(tensors: Sequence[Tensor]) -> None:
-    """Replace each tensor by its mean over the ranks of the default process group (in place);
-    nothing to do outside torch.distributed or with one rank."""
-    if not tensors or not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return
-    flat = torch.cat([t.reshape(-1) for t in tensors])
-    dist.all_reduce(flat)
-    flat /= dist.get_world_size()
-    offset = 0
-    for t in tensors:
-        t.copy_(flat[offset:offset + t.numel()].view_as(t))
-        offset += t.numel()
 
 
 def average_with_terms(tensors: Sequence[Tensor], terms: dict[str, Tensor]) -> dict[str, Tensor]:
