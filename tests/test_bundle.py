@@ -176,3 +176,20 @@ def test_interrupted_training_resumes_to_the_same_weights(cohort, tmp_path):
     assert set(straight) == set(resumed)
     for k in straight:
         torch.testing.assert_close(resumed[k], straight[k], rtol=0, atol=0, msg=k)
+
+
+def test_true_false_overrides_given_as_text_are_read_as_booleans(cohort, tmp_path):
+    """The runner passes `--resume false` as the string "false", which Python would treat as true."""
+    from scripts.handlers import TrainingState
+    from scripts.options import as_flag
+
+    wf = ConfigWorkflow(config_file=configs("train", "demo"), workflow_type="train", run_id="training",
+                        bundle_root=str(BUNDLE), resume="false", amp="true", dataset_dir=str(cohort),
+                        output_dir=str(tmp_path / "eval"), ckpt_dir=str(tmp_path / "models"), **TINY)
+    wf.initialize()
+    handlers = wf.parser.get_parsed_content("train#handlers")
+    assert [h.resume for h in handlers if isinstance(h, TrainingState)] == [False]
+    assert wf.parser.get_parsed_content("use_amp") is False  # no CUDA here
+    assert [as_flag(v, "x") for v in ("True", "off", 1, False)] == [True, False, True, False]
+    with pytest.raises(ValueError, match="resume must be true or false, got 'maybe'"):
+        as_flag("maybe", "resume")

@@ -110,6 +110,7 @@ def test_training_batch_format_and_missing_labels_never_give_a_loss():
     assert b["has_seg"].tolist() == [False] * 6 + [True] and b["seg"][:6].sum() == 0 and b["seg"][6].sum() > 0
     for row in range(7):
         case = cases[int(b["image"][row, 0, 0, 0, 0])]
+        assert b["case_id"][row] == case["case_id"]  # the batch names its cases
         known = (b["label"][row] >= 0).nonzero().flatten().tolist()
         assert known == ([] if row == 6 else [row // 2])
         assert all(b["label"][row, t] == case[TASKS[t]] for t in known)

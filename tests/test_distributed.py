@@ -1,5 +1,6 @@
 """Distributed training on CPU with gloo: the rank helpers in two spawned processes, and a
 two-process torchrun run of configs/multi_gpu_train.yaml on a tiny generated cohort."""
+import csv
 import json
 import math
 import os
@@ -19,7 +20,8 @@ from torch import nn
 
 import scripts.checkpoint  # noqa: F401  (evaluate.yaml calls it without importing it)
 from scripts.data import generate_cohort
-from scripts.distributed import broadcast_module, rank_zero_first, sync_buffers
+from scripts.diagnostics import conflict_stats
+from scripts.distributed import average_across_ranks, broadcast_module, rank_zero_first, sync_buffers
 from scripts.metrics import MultiTaskMetric
 from scripts.strategies import non_finite_names, share_gradients
 
@@ -82,6 +84,11 @@ def _worker(rank: int, folder: str) -> None:
         bn.num_batches_tracked.fill_(7 + rank)
         sync_buffers(bn)
         assert bn.running_mean.tolist() == [0.5, 0.5] and int(bn.num_batches_tracked) == 7
+        # task gradients opposed on average, though not on rank 0: every rank reports the global conflict
+        grads = torch.tensor([[1.0, 0.0], [1.0, 1.0]] if rank == 0 else [[1.0, 0.0], [-3.0, -1.0]])
+        assert conflict_stats(grads, ["a", "b"]).conflict_fraction == (0.0 if rank == 0 else 1.0)
+        average_across_ranks([grads])
+        assert conflict_stats(grads, ["a", "b"]).conflict_fraction == 1.0
         # rank 0 first: rank 1 finds what rank 0 created
         marker = Path(folder) / "made_by_rank_0"
 
@@ -141,7 +148,7 @@ def torchrun(tmp_path_factory) -> Path:
              "finalize": [PROBE, "$dist.destroy_process_group()"]}
     (root / "probe.yaml").write_text(yaml.safe_dump(probe))
     overrides = {"dataset_dir": str(cohort), "demo_dir": str(cohort), "probe_dir": str(root), "epochs": 1,
-                 "iters_per_epoch": 2, **TINY}
+                 "iters_per_epoch": 2, "diagnose_every": 1, **TINY}
     args = []
     for k, v in overrides.items():
         args += [f"--{k}", v if isinstance(v, str) else json.dumps(v)]
@@ -172,6 +179,8 @@ def test_only_rank_zero_wrote_files(torchrun):
     assert {"model.pt", "training_state.pt"} <= {p.name for p in (torchrun / "models0").iterdir()}
     written = {p.name for p in (torchrun / "eval0").iterdir()}
     assert "validation_metrics.csv" in written and any(n.startswith("events.out.tfevents") for n in written)
+    with open(torchrun / "eval0" / "gradient_conflicts.csv") as f:  # measured by both ranks, written by rank 0
+        assert [row["iteration"] for row in csv.DictReader(f)] == ["1", "2"]
 
 
 def test_sharded_validation_equals_single_process_evaluation(torchrun, tmp_path):

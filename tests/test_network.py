@@ -27,9 +27,10 @@ def test_class_counts_per_task_and_input_channels():
     assert net.tasks == ["a", "b"] and net.feature_dim == 8
 
 
-def test_torchscript_matches_eager():
+@pytest.mark.parametrize("pooling", ["avg", "max"])
+def test_torchscript_matches_eager(pooling):
     torch.manual_seed(0)
-    net = IGRegNet(tasks=("1p19q", "idh"), **TINY).eval()
+    net = IGRegNet(tasks=("1p19q", "idh"), pooling=pooling, **TINY).eval()
     scripted = torch.jit.script(net)
     x = torch.randn(2, 2, 32, 16, 16)
     eager, script = net(x), scripted(x)
@@ -76,3 +77,18 @@ def test_classification_path_treats_rows_independently():
         alone, alone_logits = net.classifier(net.neck([f[1:2] for f in feats])[0])
     torch.testing.assert_close(alone, feature[1:2])
     torch.testing.assert_close(alone_logits[2], logits[2][1:2])
+
+
+@pytest.mark.parametrize("pooling, reduce", [("avg", torch.mean), ("max", torch.amax)])
+def test_classification_feature_pools_the_stride_16_maps(pooling, reduce):
+    """F_t is the global average (reference) or maximum of the gated stride-16 maps, channel by channel."""
+    torch.manual_seed(0)
+    net = IGRegNet(tasks=("idh",), pooling=pooling, **TINY).eval()
+    maps = {}
+    net.classifier.gate16.register_forward_hook(lambda m, i, o: maps.update(gated=o))
+    scales, _ = net.neck(net.encoder(torch.randn(2, 2, 32, 32, 32)))
+    feature = net.classifier.features(scales)
+    expected = reduce(torch.cat((maps["gated"], scales[3]), 1), dim=(2, 3, 4))
+    torch.testing.assert_close(feature, expected)
+    with pytest.raises(ValueError, match="pooling must be 'avg' or 'max'"):
+        IGRegNet(pooling="sum", **TINY)

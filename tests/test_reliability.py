@@ -203,7 +203,8 @@ def batch(nan: bool = False) -> dict:
     image = torch.randn(5, 2, SIZE, SIZE, SIZE, generator=gen) + 2 * seg
     if nan:
         image[1, 0, 3, 4, 5] = float("nan")
-    return {"image": image, "label": label, "seg": seg, "has_seg": torch.tensor([False] * 4 + [True])}
+    return {"image": image, "label": label, "seg": seg, "has_seg": torch.tensor([False] * 4 + [True]),
+            "case_id": [f"case{i}" for i in range(5)]}
 
 
 def guarded_trainer(batches: list[dict], ckpt_dir: Path) -> tuple[IGRegTrainer, list[dict], list[dict]]:
@@ -236,6 +237,7 @@ def test_nan_batch_is_skipped_counted_and_leaves_the_state_unchanged(tmp_path, c
     warning = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warning) == 1 and warning[0].startswith("iteration 2: update skipped, not finite: ")
     assert {"surrogate", "cls", "seg", "gradient"} <= set(warning[0].split(": ")[2].split(" (")[0].split(", "))
+    assert warning[0].endswith("in all); non-finite voxels in case(s) case1")  # the row with the NaN voxel
 
 
 def test_consecutive_non_finite_steps_stop_training_keeping_the_last_good_state(tmp_path):

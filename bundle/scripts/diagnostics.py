@@ -19,6 +19,7 @@ from ignite.engine import Engine, Events
 from torch import Tensor
 from torch.utils.tensorboard import SummaryWriter
 
+from scripts.distributed import average_across_ranks
 from scripts.engine import prepare_batch
 from scripts.gradient_strategies import all_task_losses, flatten, shared_parameters, task_gradients
 from scripts.handlers import append_csv_row
@@ -60,7 +61,9 @@ def conflict_stats(grads: Tensor, names: List[str]) -> GradientConflicts:
 
 def measure_conflicts(strategy: MTLStrategy, batch: dict) -> GradientConflicts:
     """Gradient conflicts of the strategy's tasks (classification tasks, then "seg") on the shared
-    trunk for one training batch; the strategy's state is left as it was."""
+    trunk for one training batch; the strategy's state is left as it was. Under torch.distributed
+    every rank calls it with its own batch, and the task gradients are averaged over the ranks
+    first, so that all ranks report the conflicts of the global batch."""
     net = strategy.network
     buffers = {k: v.clone() for k, v in net.named_buffers()}
     was_training = net.training
@@ -74,13 +77,15 @@ def measure_conflicts(strategy: MTLStrategy, batch: dict) -> GradientConflicts:
         with torch.no_grad():
             for k, v in net.named_buffers():
                 v.copy_(buffers[k])
+    average_across_ranks([grads])
     return conflict_stats(grads, [*net.tasks, "seg"])
 
 
 class GradientConflictLogger:
     """Every `every` training iterations (0: never), measure the gradient conflicts on the batch
     that iteration trained on and write them to TensorBoard (`output_dir`, tags `gradients/...`) and
-    to `output_dir/gradient_conflicts.csv` (one row per measurement). Rank 0 only."""
+    to `output_dir/gradient_conflicts.csv` (one row per measurement). Every rank measures (the
+    gradients are averaged over the ranks), rank 0 writes."""
 
     def __init__(self, strategy: MTLStrategy, every: int, output_dir: str,
                  filename: str = "gradient_conflicts.csv") -> None:
@@ -94,10 +99,10 @@ class GradientConflictLogger:
             engine.add_event_handler(Events.COMPLETED, self.close)
 
     def __call__(self, engine: Engine) -> None:
-        if idist.get_rank() != 0:
-            return
         image, targets = prepare_batch(engine.state.batch, engine.state.device, engine.non_blocking)
         row = measure_conflicts(self.strategy, {"image": image, **targets}).row()
+        if idist.get_rank() != 0:
+            return
         self.output_dir.mkdir(parents=True, exist_ok=True)
         if self.writer is None:
             self.writer = SummaryWriter(log_dir=str(self.output_dir))

@@ -39,6 +39,15 @@ def prepare_batch(batchdata: dict, device: torch.device | str | None = None, non
     return moved.pop("image"), moved
 
 
+def _describe_cases(case_ids: Sequence[str] | None, image: torch.Tensor) -> str:
+    """The cases of a skipped batch for the warning: those with non-finite voxels when there are
+    any (the usual cause), else all of them."""
+    if not case_ids:
+        return ""
+    bad = [c for c, row in zip(case_ids, image) if not bool(torch.isfinite(row).all())]
+    return f"; non-finite voxels in case(s) {', '.join(bad)}" if bad else f"; batch cases {', '.join(case_ids)}"
+
+
 class CosineSchedule:
     """Cosine decay from each optimizer's learning rate down to `min_lr` over `total_steps`,
     applied to every optimizer of a strategy (main network and surrogates alike)."""
@@ -114,17 +123,17 @@ class IGRegTrainer(Trainer):
         if self.strategy.skipped:
             for buffer, before in zip(self.strategy.buffers(), buffers):
                 buffer.copy_(before)
-            self._count_skipped(engine)
+            self._count_skipped(engine, _describe_cases(batchdata.get("case_id"), image))
         else:
             engine.state.consecutive_skipped = 0
         return [{**logs, "skipped": torch.tensor(float(bool(self.strategy.skipped)))}]
 
-    def _count_skipped(self, engine: "IGRegTrainer") -> None:
+    def _count_skipped(self, engine: "IGRegTrainer", cases: str = "") -> None:
         state, names = engine.state, ", ".join(dict.fromkeys(self.strategy.skipped))
         state.skipped_steps += 1
         state.consecutive_skipped += 1
         logger.warning(f"iteration {state.iteration}: update skipped, not finite: {names} "
-                       f"({state.consecutive_skipped} in a row, {state.skipped_steps} in all)")
+                       f"({state.consecutive_skipped} in a row, {state.skipped_steps} in all){cases}")
         if state.consecutive_skipped >= self.max_bad_steps:
             raise NonFiniteTrainingError(
                 f"training stopped at iteration {state.iteration}: {state.consecutive_skipped} consecutive updates "

@@ -68,7 +68,7 @@ class TaskRows(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def __getitem__(self, draw: Draw) -> dict[str, torch.Tensor]:
+    def __getitem__(self, draw: Draw) -> dict[str, Any]:
         index, role, seed = draw
         item = self.dataset[index]
         row = {"image": _plain(item["image"]), "seg": _plain(item["seg"])}
@@ -83,12 +83,15 @@ class TaskRows(torch.utils.data.Dataset):
             raise ValueError(f"case {item.get('case_id')} drawn for segmentation has no mask")
         return {"image": _plain(row["image"]).float(), "label": label,
                 "seg": _plain(row["seg"]).float() if role == SEG_ROLE else torch.zeros_like(_plain(row["seg"])),
-                "has_seg": torch.tensor(role == SEG_ROLE)}
+                "has_seg": torch.tensor(role == SEG_ROLE), "case_id": str(item.get("case_id", index))}
 
 
-def collate_rows(rows: Sequence[Mapping[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    """Stack rows into a batch ``{image [B,C,*S], label [B,T], seg [B,1,*S], has_seg [B]}``."""
-    return {key: torch.stack([r[key] for r in rows]) for key in ("image", "label", "seg", "has_seg")}
+def collate_rows(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """Stack rows into a batch ``{image [B,C,*S], label [B,T], seg [B,1,*S], has_seg [B], case_id [B]}``
+    (``case_id`` a list of strings, so that a warning can name the cases)."""
+    batch: dict[str, Any] = {key: torch.stack([r[key] for r in rows]) for key in ("image", "label", "seg", "has_seg")}
+    batch["case_id"] = [r["case_id"] for r in rows]
+    return batch
 
 
 class TaskBalancedLoader:

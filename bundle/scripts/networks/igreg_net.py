@@ -41,11 +41,18 @@ class MultiScaleNeck(nn.Module):
 
 
 class ClassificationBranch(nn.Module):
-    """Attention-gated downsampling of the levels to stride 16, global average pooling to the
-    feature `F_t` (2 x channels), and one linear head per task."""
+    """Attention-gated downsampling of the levels to stride 16, global pooling to the feature `F_t`
+    (2 x channels), and one linear head per task.
 
-    def __init__(self, channels: int, num_classes: Sequence[int]) -> None:
+    ``pooling`` "avg" is the reference's global average; "max" takes each channel's strongest
+    response, so that a small lesion's features are not diluted by the rest of the brain.
+    """
+
+    def __init__(self, channels: int, num_classes: Sequence[int], pooling: str = "avg") -> None:
         super().__init__()
+        if pooling not in ("avg", "max"):
+            raise ValueError(f"pooling must be 'avg' or 'max', got {pooling!r}")
+        self.max_pool = pooling == "max"
         self.down8 = ConvNormAct(channels, channels, 3, stride=2)
         self.gate8 = AttentionGate(2 * channels, channels)
         self.down16 = ConvNormAct(channels, channels, 3, stride=2)
@@ -58,7 +65,8 @@ class ClassificationBranch(nn.Module):
         x = self.gate8(torch.cat((x, scales[1]), 1), scales[1])
         x = resize_to(self.down16(x), scales[2])
         x = self.gate16(torch.cat((x, scales[2]), 1), scales[2])
-        return torch.cat((x, resize_to(scales[3], x)), 1).mean(dim=[2, 3, 4])
+        x = torch.cat((x, resize_to(scales[3], x)), 1)
+        return x.amax(dim=[2, 3, 4]) if self.max_pool else x.mean(dim=[2, 3, 4])
 
     def forward(self, scales: List[Tensor]) -> Tuple[Tensor, List[Tensor]]:
         feature = self.features(scales)
@@ -120,6 +128,7 @@ class IGRegNet(nn.Module):
         cardinality: groups of the encoder's 3x3x3 convolutions.
         stem_channels: encoder stem width (default widths[0] // 2).
         se_reduction: squeeze-excitation reduction ratio.
+        pooling: global pooling of the classification branch, "avg" (reference) or "max".
 
     `forward(image[B, C, *S])` (S divisible by 16) returns `{"seg": logits[B, 2, *S], task: logits[B, K]}`.
     """
@@ -127,7 +136,8 @@ class IGRegNet(nn.Module):
     def __init__(self, in_channels: int = 2, num_channels: int = 24,
                  tasks: Sequence[str] = ("1p19q", "idh", "grade"), num_classes: Union[int, Sequence[int]] = 2,
                  depths: Sequence[int] = (3, 4, 6, 3), widths: Sequence[int] = (128, 256, 512, 512),
-                 cardinality: int = 32, stem_channels: Union[int, None] = None, se_reduction: int = 16) -> None:
+                 cardinality: int = 32, stem_channels: Union[int, None] = None, se_reduction: int = 16,
+                 pooling: str = "avg") -> None:
         super().__init__()
         if num_channels % 2:
             raise ValueError("num_channels must be even (GroupNorm uses two channels a group)")
@@ -141,7 +151,7 @@ class IGRegNet(nn.Module):
         self.num_channels = num_channels
         self.encoder = SEResNeXtEncoder3d(in_channels, widths, depths, cardinality, stem_channels, se_reduction)
         self.neck = MultiScaleNeck(widths, num_channels)
-        self.classifier = ClassificationBranch(num_channels, classes)
+        self.classifier = ClassificationBranch(num_channels, classes, pooling)
         self.decoder = SegmentationDecoder(num_channels)
 
     @property
