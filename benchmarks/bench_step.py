@@ -186,7 +186,8 @@ def data_child(args: argparse.Namespace) -> dict:
     batches = endless(parser.get_parsed_content("train#dataloader"))
     load_times, _ = time_calls(lambda: next(batches), args.warmup, args.repeats, lambda: None)
     strategy = build(parser, parser["mtl_strategy"], device, args.amp)
-    on_device = [{k: v.to(device) for k, v in next(batches).items()} for _ in range(1 + args.warmup + args.repeats)]
+    on_device = [{k: v.to(device) for k, v in next(batches).items() if isinstance(v, torch.Tensor)}
+                 for _ in range(1 + args.warmup + args.repeats)]
     strategy.initialize(on_device[:1])
     queue = iter(on_device[1:])
     step_times, _ = time_calls(lambda: strategy.step(next(queue)), args.warmup, args.repeats, sync)
