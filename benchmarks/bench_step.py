@@ -175,6 +175,7 @@ def data_child(args: argparse.Namespace) -> dict:
     """Demo configuration: time to fill the dataset cache, per training batch, and per step of the
     configured strategy (demo network) on those batches."""
     from scripts.data import ensure_demo_cohort
+    from scripts.engine import prepare_batch
 
     device = torch.device(args.device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
@@ -186,8 +187,10 @@ def data_child(args: argparse.Namespace) -> dict:
     batches = endless(parser.get_parsed_content("train#dataloader"))
     load_times, _ = time_calls(lambda: next(batches), args.warmup, args.repeats, lambda: None)
     strategy = build(parser, parser["mtl_strategy"], device, args.amp)
-    on_device = [{k: v.to(device) for k, v in next(batches).items() if isinstance(v, torch.Tensor)}
-                 for _ in range(1 + args.warmup + args.repeats)]
+    on_device = []
+    for _ in range(1 + args.warmup + args.repeats):
+        image, targets = prepare_batch(next(batches), device)  # the trainer's own move to the device
+        on_device.append({"image": image, **targets})
     strategy.initialize(on_device[:1])
     queue = iter(on_device[1:])
     step_times, _ = time_calls(lambda: strategy.step(next(queue)), args.warmup, args.repeats, sync)

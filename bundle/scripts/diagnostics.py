@@ -13,13 +13,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import List
 
-import ignite.distributed as idist
 import torch
 from ignite.engine import Engine, Events
 from torch import Tensor
 from torch.utils.tensorboard import SummaryWriter
 
-from scripts.distributed import average_across_ranks
+from scripts.distributed import average_across_ranks, rank
 from scripts.engine import prepare_batch
 from scripts.gradient_strategies import all_task_losses, flatten, shared_parameters, task_gradients
 from scripts.handlers import append_csv_row
@@ -101,7 +100,7 @@ class GradientConflictLogger:
     def __call__(self, engine: Engine) -> None:
         image, targets = prepare_batch(engine.state.batch, engine.state.device, engine.non_blocking)
         row = measure_conflicts(self.strategy, {"image": image, **targets}).row()
-        if idist.get_rank() != 0:
+        if rank() != 0:
             return
         self.output_dir.mkdir(parents=True, exist_ok=True)
         if self.writer is None:

@@ -17,9 +17,8 @@ from monai.engines import Trainer
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import CosineAnnealingLR
 
+from scripts.data.loader import BATCH_KEYS
 from scripts.strategies import MTLStrategy
-
-BATCH_KEYS = ("image", "label", "seg", "has_seg")
 
 logger = logging.getLogger(__name__)
 

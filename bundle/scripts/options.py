@@ -13,6 +13,7 @@ def as_flag(value: Any, name: str) -> bool:
         return value
     if isinstance(value, int) and value in (0, 1):
         return bool(value)
-    if isinstance(value, str) and value.strip().lower() in _TRUE | _FALSE:
-        return value.strip().lower() in _TRUE
+    text = value.strip().lower() if isinstance(value, str) else None
+    if text in _TRUE | _FALSE:
+        return text in _TRUE
     raise ValueError(f"{name} must be true or false, got {value!r}")

@@ -86,10 +86,13 @@ class TaskRows(torch.utils.data.Dataset):
                 "has_seg": torch.tensor(role == SEG_ROLE), "case_id": str(item.get("case_id", index))}
 
 
+BATCH_KEYS = ("image", "label", "seg", "has_seg")  # the tensors of a training batch (`collate_rows`)
+
+
 def collate_rows(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     """Stack rows into a batch ``{image [B,C,*S], label [B,T], seg [B,1,*S], has_seg [B], case_id [B]}``
     (``case_id`` a list of strings, so that a warning can name the cases)."""
-    batch: dict[str, Any] = {key: torch.stack([r[key] for r in rows]) for key in ("image", "label", "seg", "has_seg")}
+    batch: dict[str, Any] = {key: torch.stack([r[key] for r in rows]) for key in BATCH_KEYS}
     batch["case_id"] = [r["case_id"] for r in rows]
     return batch
 
