@@ -126,7 +126,8 @@ def test_torchscript_export_matches_eager(trained, tmp_path):
         overrides += [f"--{k}", json.dumps(v) if not isinstance(v, str) else v]
     cmd = [sys.executable, "-m", "monai.bundle", "ckpt_export", "network_def", "--filepath", str(ts_path),
            "--ckpt_file", str(Path(trained["ckpt_dir"]) / "model.pt"), "--meta_file", str(CONFIGS / "metadata.json"),
-           "--config_file", str(CONFIGS / "inference.yaml"), "--bundle_root", str(BUNDLE), *overrides]
+           "--config_file", str([str(CONFIGS / "inference.yaml"), str(CONFIGS / "demo.yaml")]),
+           "--bundle_root", str(BUNDLE), *overrides]
     subprocess.run(cmd, check=True, cwd=BUNDLE, capture_output=True)
     scripted = torch.jit.load(str(ts_path))
     wf = ConfigWorkflow(config_file=configs("inference", "demo"), workflow_type="infer", bundle_root=str(BUNDLE),
