@@ -6,6 +6,8 @@ import json
 import subprocess
 import sys
 
+import nibabel as nib
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -13,6 +15,7 @@ from conftest import REPO
 
 sys.path.insert(0, str(REPO / "benchmarks"))
 from bench_step import data_child  # noqa: E402
+from cohort_cues import split_auc  # noqa: E402
 from memory_estimate import CudaAutocastPolicy, LiveTensorBytes, fit_line  # noqa: E402
 
 from scripts.data import generate_cohort  # noqa: E402
@@ -70,3 +73,28 @@ def test_cuda_autocast_policy_casts_like_cuda():
 
 def test_fit_line():
     assert fit_line([1, 2, 3], [3, 5, 7]) == (1.0, 2.0)
+
+
+def test_cohort_cues_rank_cases_by_their_phenotype(tmp_path):
+    """Each feature separates a cohort built to differ only in that task's cue; a case whose T2W lies
+    on another grid is left out."""
+    rng = np.random.default_rng(0)
+    cases = []
+    for i, (grade, idh, codel) in enumerate([(0, 0, 0), (1, 1, 0), (0, 1, 1), (1, 0, 1), (1, 1, 1)]):
+        t1c = np.ones((8, 8, 8), np.float32)
+        t1c[:2 + 2 * grade, :4] = 1.0 + grade                        # enhancement only when high grade
+        seg = np.zeros((8, 8, 8), np.uint8)
+        seg[4:, 4:, 4:] = 1
+        t2w = np.ones((8, 8, 8), np.float32)
+        t2w[4:, 4:, 4:] = (1.2 + idh) * (1 + (0.4 if codel else 0.02) * rng.standard_normal((4, 4, 4)))
+        if i == 4:
+            t2w = t2w[:, :, :6]                                       # a T2W on its own grid
+        for name, data in (("t1c", t1c), ("t2w", t2w), ("seg", seg)):
+            nib.save(nib.Nifti1Image(data, np.eye(4)), tmp_path / f"c{i}_{name}.nii.gz")
+        cases.append({"case_id": f"c{i}", **{k: f"c{i}_{k}.nii.gz" for k in ("t1c", "t2w", "seg")},
+                      "grade": grade, "idh": idh, "1p19q": codel})
+    cases.append({"case_id": "no_mask", "t1c": "c0_t1c.nii.gz", "t2w": "c0_t2w.nii.gz", "grade": 1})
+    report = split_auc(cases, tmp_path)
+    assert report["cases_with_mask"] == 4
+    for task in ("grade", "idh", "1p19q"):
+        assert report[task] == {"cases": 4, "roc_auc": 1.0}
