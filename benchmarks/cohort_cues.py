@@ -10,13 +10,14 @@ Per case with a tumor mask on the T1C grid (cases whose T2W lies on another grid
 Prints one JSON line per split: the number of cases and, per task, the cases with a label and the
 ROC-AUC of its feature (above 0.5: larger values go with class 1).
 
-    python benchmarks/cohort_cues.py --datalist bundle/demo_data/datalist.json --splits validation
+    python benchmarks/cohort_cues.py --datalist bundle/demo_data/datalist.json --splits validation testing
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 import nibabel as nib
@@ -24,12 +25,16 @@ import numpy as np
 import torch
 from monai.metrics import compute_roc_auc
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bundle"))
+from scripts.data import SPLITS, TASKS, load_datalist  # noqa: E402
 
-def case_features(case: dict, root: Path) -> dict[str, float] | None:
-    """The three features of one case, or None without a mask on the T1C grid."""
+
+def case_features(case: dict) -> dict[str, float] | None:
+    """The three features of one case (absolute paths, as `load_datalist` gives them), or None
+    without a mask on the T1C grid."""
     if "seg" not in case:
         return None
-    t1c, t2w, seg = (np.asarray(nib.load(root / case[k]).dataobj, dtype=np.float32) for k in ("t1c", "t2w", "seg"))
+    t1c, t2w, seg = (np.asarray(nib.load(case[k]).dataobj, dtype=np.float32) for k in ("t1c", "t2w", "seg"))
     if not t1c.shape == t2w.shape == seg.shape:
         return None
     brain, core = t1c > 0, (seg == 1) | (seg == 4)
@@ -41,11 +46,11 @@ def case_features(case: dict, root: Path) -> dict[str, float] | None:
             "1p19q": float(core_t2.std() / core_t2.mean())}
 
 
-def split_auc(cases: list[dict], root: Path) -> dict:
+def split_auc(cases: list[dict]) -> dict:
     """Per task: labelled cases with features and the ROC-AUC of the task's feature."""
-    rows = [(c, f) for c in cases if (f := case_features(c, root)) is not None]
+    rows = [(c, f) for c in cases if (f := case_features(c)) is not None]
     out: dict = {"cases_with_mask": len(rows)}
-    for task in ("1p19q", "idh", "grade"):
+    for task in TASKS:
         pairs = [(f[task], c[task]) for c, f in rows if c.get(task, -1) in (0, 1)]
         if len({y for _, y in pairs}) < 2:
             continue
@@ -57,12 +62,10 @@ def split_auc(cases: list[dict], root: Path) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--datalist", default="bundle/demo_data/datalist.json")
-    parser.add_argument("--splits", nargs="+", default=["validation"])
+    parser.add_argument("--splits", nargs="+", default=["validation"], choices=SPLITS)
     args = parser.parse_args()
-    datalist = Path(args.datalist)
-    content = json.loads(datalist.read_text())
     for split in args.splits:
-        print(json.dumps({"split": split, **split_auc(content.get(split, []), datalist.parent)}))
+        print(json.dumps({"split": split, **split_auc(load_datalist(args.datalist, split))}))
 
 
 if __name__ == "__main__":

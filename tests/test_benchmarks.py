@@ -18,7 +18,7 @@ from bench_step import data_child  # noqa: E402
 from cohort_cues import split_auc  # noqa: E402
 from memory_estimate import CudaAutocastPolicy, LiveTensorBytes, fit_line  # noqa: E402
 
-from scripts.data import generate_cohort  # noqa: E402
+from scripts.data import generate_cohort, load_datalist, write_datalist  # noqa: E402
 
 
 def test_bench_step_prints_one_json_report():
@@ -94,7 +94,8 @@ def test_cohort_cues_rank_cases_by_their_phenotype(tmp_path):
         cases.append({"case_id": f"c{i}", **{k: f"c{i}_{k}.nii.gz" for k in ("t1c", "t2w", "seg")},
                       "grade": grade, "idh": idh, "1p19q": codel})
     cases.append({"case_id": "no_mask", "t1c": "c0_t1c.nii.gz", "t2w": "c0_t2w.nii.gz", "grade": 1})
-    report = split_auc(cases, tmp_path)
+    write_datalist(tmp_path / "datalist.json", {"validation": cases})
+    report = split_auc(load_datalist(tmp_path / "datalist.json", "validation"))
     assert report["cases_with_mask"] == 4
     for task in ("grade", "idh", "1p19q"):
         assert report[task] == {"cases": 4, "roc_auc": 1.0}
