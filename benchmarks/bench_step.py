@@ -1,9 +1,10 @@
 """Speed and memory of one IGReg outer iteration against one plain multi-task step.
 
-On one fixed random batch (two cases per classification task, one segmentation case) and after
-warm-up, it times (a) one IGReg outer iteration (copy into the surrogates, the surrogate steps, the
-main step) and (b) one equal-weighting step (task cross-entropies + segmentation Dice, one forward,
-one backward, one optimizer step) of the same network, built from `configs/train.yaml`. Each runs in
+On one fixed random batch (two cases per classification task, one segmentation case; IGReg gets one
+more such batch per surrogate step, as in training) and after warm-up, it times (a) one IGReg outer
+iteration (copy into the surrogates, the surrogate steps on their own batches, the main step) and
+(b) one equal-weighting step (task cross-entropies + segmentation Dice, one forward, one backward,
+one optimizer step) of the same network, built from `configs/train.yaml`. Each runs in
 a fresh child process (this script with `--_mode`), so its peak memory is the peak RSS of that whole
 process on CPU (interpreter, imports, network, optimizer states, activations: nothing subtracted),
 or `torch.cuda.max_memory_allocated` on CUDA. A third child times the training loader of the demo
@@ -67,8 +68,10 @@ def build(parser: ConfigParser, name: str, device: torch.device, amp: bool) -> M
                           parser.get_parsed_content("igreg"))
 
 
-def fixed_batch(tasks: int, size: list[int], device: torch.device, seed: int = 0) -> dict[str, torch.Tensor]:
-    """Task t's class-0 and class-1 rows for every task, then one segmentation row with a box tumor."""
+def fixed_batch(tasks: int, size: list[int], device: torch.device, seed: int = 0,
+                parts: int = 1) -> dict[str, torch.Tensor]:
+    """Per part (the main batch, then one per surrogate step that takes its own batch): task t's
+    class-0 and class-1 rows for every task, then one segmentation row with a box tumor."""
     gen = torch.Generator().manual_seed(seed)
     n = 2 * tasks
     label = torch.full((n + 1, tasks), -1, dtype=torch.long)
@@ -78,8 +81,9 @@ def fixed_batch(tasks: int, size: list[int], device: torch.device, seed: int = 0
     seg[-1, :, size[0] // 4:size[0] // 2, size[1] // 3:2 * size[1] // 3, size[2] // 4:size[2] // 2] = 1
     has_seg = torch.zeros(n + 1, dtype=torch.bool)
     has_seg[-1] = True
-    image = torch.randn(n + 1, 2, *size, generator=gen) + 2 * seg
-    batch = {"image": image, "label": label, "seg": seg, "has_seg": has_seg}
+    images = [torch.randn(n + 1, 2, *size, generator=gen) + 2 * seg for _ in range(parts)]
+    batch = {"image": torch.cat(images), "label": label.repeat(parts, 1), "seg": seg.repeat(parts, 1, 1, 1, 1),
+             "has_seg": has_seg.repeat(parts), "part": torch.arange(parts).repeat_interleave(n + 1)}
     return {k: v.to(device) for k, v in batch.items()}
 
 
@@ -146,14 +150,15 @@ def step_child(args: argparse.Namespace) -> dict:
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     parser = load_config(demo=False, tiny=args.tiny)
     strategy = build(parser, STRATEGY_OF_MODE[args._mode], device, args.amp)
-    batch = fixed_batch(len(strategy.network.tasks), args.size, device)
+    batch = fixed_batch(len(strategy.network.tasks), args.size, device, parts=1 + strategy.surrogate_batches)
     strategy.initialize([batch])
     timer = None
     if args.parts:
         timer = PartTimer(sync)
         timer.wrap(scripts.strategies, "non_finite_names", "guard")
         for attribute, label in [("forward_tasks", "forward"), ("dpa_losses", "dpa_losses"),
-                                 ("sync_surrogates", "copy"), ("surrogate_update", "surrogate_updates"),
+                                 ("sync_surrogates", "copy"), ("encoded_task_batches", "surrogate_batches_encoder"),
+                                 ("surrogate_update", "surrogate_updates"),
                                  ("feature_regularizer", "feature_reg"), ("_update", "main_backward_step")]:
             if hasattr(strategy, attribute):
                 timer.wrap(strategy, attribute, label)

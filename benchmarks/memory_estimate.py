@@ -91,7 +91,8 @@ def measure(strategy_name: str, size: list[int], amp: bool) -> dict:
         strategy = build(parser, strategy_name, torch.device("cpu"), amp=False)
         if amp:
             strategy.autocast = CudaAutocastPolicy
-        batch = fixed_batch(len(strategy.network.tasks), size, torch.device("cpu"))
+        parts = 1 + strategy.surrogate_batches
+        batch = fixed_batch(len(strategy.network.tasks), size, torch.device("cpu"), parts=parts)
         strategy.initialize([batch])
         static = live.now
         live.peak = live.now

@@ -46,6 +46,8 @@ def trained(cohort, tmp_path_factory) -> dict:
                         bundle_root=str(BUNDLE), epochs=1, iters_per_epoch=2, **dirs, **TINY)
     wf.initialize()
     assert wf.check_properties() == []
+    # IGReg's loader adds one batch per surrogate step (the demo takes one step)
+    assert wf.parser.get_parsed_content("train#dataloader").sampler.parts == 1 + wf.parser["surrogate_steps"] == 2
     wf.run()
     wf.finalize()
     return dirs

@@ -49,9 +49,9 @@ def test_every_batch_is_balanced_in_task_order():
     cases = _cohort()
     sampler = TaskBalancedBatchSampler(cases, TASKS, samples_per_class=2, seg_samples=1, iters_per_epoch=50)
     for batch in sampler:
-        assert [role for _, role, _ in batch] == ["1p19q"] * 4 + ["idh"] * 4 + ["grade"] * 4 + ["seg"]
+        assert [role for _, role, _, _ in batch] == ["1p19q"] * 4 + ["idh"] * 4 + ["grade"] * 4 + ["seg"]
         for t, task in enumerate(TASKS):
-            assert [cases[i][task] for i, _, _ in batch[4 * t:4 * t + 4]] == [0, 0, 1, 1]
+            assert [cases[i][task] for i, _, _, _ in batch[4 * t:4 * t + 4]] == [0, 0, 1, 1]
         assert "seg" in cases[batch[-1][0]]
 
 
@@ -61,7 +61,7 @@ def test_streams_cover_their_cases_uniformly_across_epochs():
     counts = Counter()
     for epoch in range(60):
         sampler.set_epoch(epoch)
-        counts.update((i, role) for batch in sampler for i, role, _ in batch)
+        counts.update((i, role) for batch in sampler for i, role, _, _ in batch)
     idh0 = [i for i, c in enumerate(cases) if c.get("idh") == 0]
     draws = [counts[(i, "idh")] for i in idh0]
     assert min(draws) >= max(draws) - 1 and sum(draws) == 420  # endless stream: whole passes in turn
@@ -72,7 +72,7 @@ def test_task_ratios_set_each_task_pool_and_keep_class_shares():
     sampler = TaskBalancedBatchSampler(cases, TASKS, task_ratios=[1, 1, 5], base_cases=6, iters_per_epoch=400)
     pools = {task: {i for c in (0, 1) for i in sampler.streams[f"{task}={c}"]} for task in TASKS}
     assert [len(pools[t]) for t in TASKS] == [6, 6, 30]
-    drawn = Counter((i, role) for batch in sampler for i, role, _ in batch)
+    drawn = Counter((i, role) for batch in sampler for i, role, _, _ in batch)
     assert {i for i, role in drawn if role == "grade"} == pools["grade"]
     grade = [cases[i]["grade"] for i in pools["grade"]]
     all_grade = [c["grade"] for c in cases if "grade" in c]
@@ -83,10 +83,30 @@ def test_task_ratios_set_each_task_pool_and_keep_class_shares():
 def test_ranks_draw_from_disjoint_shards():
     cases = _cohort()
     shards = [TaskBalancedBatchSampler(cases, TASKS, iters_per_epoch=30, rank=r, world_size=2) for r in (0, 1)]
-    seen = [{(i, role) for batch in s for i, role, _ in batch} for s in shards]
+    seen = [{(i, role) for batch in s for i, role, _, _ in batch} for s in shards]
     assert seen[0] and seen[1] and not seen[0] & seen[1]
     with pytest.raises(ValueError, match="1p19q=1"):
         TaskBalancedBatchSampler([c for c in cases if c.get("1p19q") != 1], TASKS)
+
+
+def test_surrogate_parts_take_their_own_balanced_batches():
+    cases = _cohort()
+    single = TaskBalancedBatchSampler(cases, TASKS, iters_per_epoch=6, seed=2)
+    parted = TaskBalancedBatchSampler(cases, TASKS, iters_per_epoch=2, seed=2, parts=3)
+    steps = list(parted)
+    assert [d[3] for d in steps[0]] == [0] * 7 + [1] * 7 + [2] * 7
+    for step in steps:
+        for part in range(3):
+            rows = [d for d in step if d[3] == part]
+            assert [role for _, role, _, _ in rows] == ["1p19q"] * 2 + ["idh"] * 2 + ["grade"] * 2 + ["seg"]
+            assert [cases[i][role] for i, role, _, _ in rows[:6]] == [0, 1] * 3
+    # the parts walk the same streams as consecutive single batches: no case is drawn twice in a row
+    assert [i for step in steps for i, _, _, _ in step] == [i for batch in single for i, _, _, _ in batch]
+    with pytest.raises(ValueError, match="parts"):
+        TaskBalancedBatchSampler(cases, TASKS, parts=0)
+    batch = next(iter(TaskBalancedLoader(FakeDataset(cases), TASKS, None, iters_per_epoch=2, seed=2,
+                                         surrogate_batches=2)))
+    assert batch["part"].tolist() == [0] * 7 + [1] * 7 + [2] * 7 and batch["has_seg"].sum() == 3
 
 
 def test_sampler_is_a_function_of_seed_epoch_iteration():
@@ -106,6 +126,7 @@ def test_training_batch_format_and_missing_labels_never_give_a_loss():
     assert len(batches) == len(loader) == 3 and loader.state_dict()["epoch"] == 1
     b = batches[0]
     assert b["image"].shape == (7, 2, 8, 8, 8) and b["image"].dtype == torch.float32
+    assert b["part"].tolist() == [0] * 7
     assert b["seg"].shape == (7, 1, 8, 8, 8) and b["label"].dtype == torch.int64
     assert b["has_seg"].tolist() == [False] * 6 + [True] and b["seg"][:6].sum() == 0 and b["seg"][6].sum() > 0
     for row in range(7):

@@ -142,7 +142,7 @@ def test_surrogate_update_changes_only_surrogates_each_around_its_task():
     net_before = [p.detach().clone() for p in strategy.network.parameters()]
     strategy.sync_surrogates()
     start = torch.cat([p.detach().reshape(-1) for p in strategy.surrogates[0].parameters()])
-    batches = strategy.task_batches(out, batch, layout)
+    batches = strategy.task_batches(out.features, batch, layout)
     grads, tasks, _ = task_gradients(strategy.surrogates[0], batches)
     strategy.surrogate_update(batches, identical=True)
     for b, p in zip(net_before, strategy.network.parameters()):
@@ -152,6 +152,37 @@ def test_surrogate_update_changes_only_surrogates_each_around_its_task():
         torch.testing.assert_close(now - start, -task_dominant_projection(grads, k))
 
 
+def with_parts(*batches):
+    """Batches stacked as one step's batch, the rows of batch p tagged with part p."""
+    joined = {k: torch.cat([b[k] for b in batches]) for k in batches[0]}
+    joined["part"] = torch.cat([torch.full((len(b["label"]),), p) for p, b in enumerate(batches)])
+    return joined
+
+
+def test_surrogate_steps_train_on_their_own_batches_and_the_gate_on_the_main_one():
+    strategy = make(surrogate_steps=2)
+    assert strategy.surrogate_batches == 2
+    assert make("igreg_no_stdgp").surrogate_batches == 0 and make("equal").surrogate_batches == 0
+    main, first, second = (training_batch(seed=s) for s in (0, 1, 2))
+    first["image"][:, :, :4] += 3.0                      # parts that differ visibly from the main batch
+    second["label"][:2, 0] = -1                          # the second surrogate batch lacks task idh
+    seen = []
+    update = strategy.surrogate_update
+    strategy.surrogate_update = lambda batches, identical=False: seen.append(batches) or update(batches, identical)
+    regularize = strategy.feature_regularizer
+    gated = []
+    strategy.feature_regularizer = lambda out, batches, lay: gated.append(batches) or regularize(out, batches, lay)
+    strategy.train()
+    with torch.no_grad():                                # part 1's classification rows through the encoder
+        expected = strategy.network.encoder(first["image"][:4])
+    strategy.step(with_parts(main, first, second))
+    assert len(seen) == 2 and [t for t, _, _ in seen[0]] == [0, 1] and [t for t, _, _ in seen[1]] == [1]
+    torch.testing.assert_close(seen[0][0][1][0], expected[0][:2])
+    torch.testing.assert_close(seen[0][1][2], first["label"][2:4, 1])
+    assert len(gated) == 1 and torch.equal(gated[0][1][2], main["label"][2:4, 1])
+    assert gated[0][0][1][0].shape[0] == 2               # the main batch's rows only, not the parts'
+
+
 def test_identical_shortcut_equals_separate_surrogate_steps():
     a, b = make(), make()
     batch = training_batch()
@@ -159,7 +190,7 @@ def test_identical_shortcut_equals_separate_surrogate_steps():
     for s, identical in ((a, True), (b, False)):
         out = s.forward_tasks(batch, layout)
         s.sync_surrogates()
-        s.surrogate_update(s.task_batches(out, batch, layout), identical=identical)
+        s.surrogate_update(s.task_batches(out.features, batch, layout), identical=identical)
     for pa, pb in zip(a.surrogates.parameters(), b.surrogates.parameters()):
         torch.testing.assert_close(pa, pb)
 

@@ -22,7 +22,7 @@ from scripts.distributed import average_across_ranks, rank
 from scripts.engine import prepare_batch
 from scripts.gradient_strategies import all_task_losses, flatten, shared_parameters, task_gradients
 from scripts.handlers import append_csv_row
-from scripts.strategies import BatchLayout, MTLStrategy
+from scripts.strategies import BatchLayout, MTLStrategy, main_part
 
 
 @dataclass
@@ -81,10 +81,11 @@ def measure_conflicts(strategy: MTLStrategy, batch: dict) -> GradientConflicts:
 
 
 class GradientConflictLogger:
-    """Every `every` training iterations (0: never), measure the gradient conflicts on the batch
-    that iteration trained on and write them to TensorBoard (`output_dir`, tags `gradients/...`) and
-    to `output_dir/gradient_conflicts.csv` (one row per measurement). Every rank measures (the
-    gradients are averaged over the ranks), rank 0 writes."""
+    """Every `every` training iterations (0: never), measure the gradient conflicts on the main batch
+    that iteration trained on (part 0, without IGReg's surrogate batches) and write them to
+    TensorBoard (`output_dir`, tags `gradients/...`) and to `output_dir/gradient_conflicts.csv` (one
+    row per measurement). Every rank measures (the gradients are averaged over the ranks), rank 0
+    writes."""
 
     def __init__(self, strategy: MTLStrategy, every: int, output_dir: str,
                  filename: str = "gradient_conflicts.csv") -> None:
@@ -99,7 +100,7 @@ class GradientConflictLogger:
 
     def __call__(self, engine: Engine) -> None:
         image, targets = prepare_batch(engine.state.batch, engine.state.device, engine.non_blocking)
-        row = measure_conflicts(self.strategy, {"image": image, **targets}).row()
+        row = measure_conflicts(self.strategy, main_part({"image": image, **targets})).row()
         if rank() != 0:
             return
         self.output_dir.mkdir(parents=True, exist_ok=True)

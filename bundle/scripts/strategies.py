@@ -5,6 +5,8 @@ log-variances) and every optimizer, so one `state_dict()` and `optimizers` hold 
 
 Batch rows: `label[:, t] == -1` never contributes to task t; rows without `has_seg` never contribute
 to the segmentation, margin or heterogeneity losses; a term without any contributing row is zero.
+A batch may also hold the rows of IGReg's surrogate steps (`part` > 0, asked for through the
+strategy's `surrogate_batches`); only part 0 is the main step's batch.
 The row layout is read to the host once per step (one small transfer before any work is queued).
 Every optimizer update is guarded: the update is skipped when a loss term or a gradient is not
 finite (one small host read per update), and the names of the offending terms are left in
@@ -82,6 +84,25 @@ def non_finite_names(terms: dict[str, Tensor], grads: Sequence[Tensor] = (), gra
     return [name for name, good in zip([*terms, grad_name], ok) if not good]
 
 
+def split_parts(batch: dict) -> List[dict]:
+    """The batch's parts in order (see `scripts.data.collate_rows`): part 0, the main step's rows,
+    then one batch per surrogate step. A batch without `part` is all main."""
+    if "part" not in batch:
+        return [batch]
+    part = batch["part"].cpu()
+    parts = []
+    for p in range(int(part.max()) + 1 if part.numel() else 1):
+        rows = torch.nonzero(part == p).flatten().tolist()
+        parts.append({k: (take_rows(v, rows) if isinstance(v, Tensor) else [v[r] for r in rows])
+                      for k, v in batch.items()})
+    return parts
+
+
+def main_part(batch: dict) -> dict:
+    """The main step's rows of a batch (part 0)."""
+    return split_parts(batch)[0] if "part" in batch else batch
+
+
 def take_rows(x: Tensor, rows: Sequence[int]) -> Tensor:
     """Rows `rows` of `x` (dim 0): a view when they are consecutive, else an index_select."""
     rows = list(rows)
@@ -140,6 +161,7 @@ class MTLStrategy(nn.Module, abc.ABC):
         self.amp = amp
         self.optimizers: List[Optimizer] = []
         self.skipped: List[str] = []   # what made updates of the last step be skipped (empty: none)
+        self.surrogate_batches = 0     # extra batches per step that the loader must add (see IGReg)
 
     @property
     def device(self) -> torch.device:
@@ -242,9 +264,13 @@ class IGReg(MTLStrategy):
     `surrogate_steps` projected surrogate updates, then the main update on the uncertainty-weighted
     sum of cls, seg, margin, heterogeneity, align and feature_reg.
 
-    The main forward runs first and its encoder features (detached) feed the surrogates: the main
-    parameters do not change during the surrogate steps, so this is the same computation as running
-    the surrogates first, with one encoder pass per outer iteration instead of one per step.
+    As in the reference, each surrogate step trains on its own batch (the batch's parts 1, 2, ...,
+    which the loader adds when asked through `surrogate_batches`), encoded by the main encoder
+    without gradients; the feature regularizer then compares surrogates and main network on the main
+    batch (part 0), which the surrogates have not seen. A step given fewer parts (a hand-made batch)
+    lets the remaining surrogate steps reuse the main batch's encoder features. The main forward
+    runs first: the main parameters do not change during the surrogate steps, so this is the same
+    computation as running the surrogates first.
 
     Args:
         network, optimizer, amp: see `MTLStrategy`; the optimizer factory also builds one optimizer
@@ -282,6 +308,7 @@ class IGReg(MTLStrategy):
         if use_stdgp:
             self.surrogates = nn.ModuleList([Surrogate(network) for _ in network.tasks])
             self.optimizers += [self.make_optimizer(s.parameters()) for s in self.surrogates]
+            self.surrogate_batches = surrogate_steps
 
     # ---- DPA ------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -335,11 +362,23 @@ class IGReg(MTLStrategy):
         for s in self.surrogates:
             s.load_from(self.network)
 
-    def task_batches(self, out: TaskForward, batch: dict, layout: BatchLayout) -> list:
+    def task_batches(self, features: List[Tensor], batch: dict, layout: BatchLayout) -> list:
         """`(task, detached encoder features of its rows, its labels)` for each task with rows."""
         label = batch["label"]
-        return [(t, [take_rows(f, rows).detach() for f in out.features], take_rows(label[:, t], rows))
+        return [(t, [take_rows(f, rows).detach() for f in features], take_rows(label[:, t], rows))
                 for t, rows in enumerate(layout.task_rows) if rows]
+
+    @torch.no_grad()
+    def encoded_task_batches(self, batch: dict) -> list:
+        """`task_batches` of a surrogate step's own batch: its classification rows through the main
+        encoder, without gradients (in training mode, as the main forward)."""
+        layout = BatchLayout.of(batch)
+        if not layout.cls_rows:
+            return []
+        with self.autocast():
+            features = self.network.encoder(take_rows(batch["image"], layout.cls_rows))
+        cls_only = {"label": take_rows(batch["label"], layout.cls_rows)}
+        return self.task_batches(features, cls_only, BatchLayout.of(cls_only))
 
     def surrogate_update(self, task_batches: list, identical: bool = False) -> Tensor:
         """One projected step of every surrogate (surrogate k dominated by task k); returns the mean
@@ -385,6 +424,7 @@ class IGReg(MTLStrategy):
     # ---- the outer iteration --------------------------------------------------------------------
     def step(self, batch: dict) -> dict[str, Tensor]:
         self.skipped = []
+        batch, *surrogate_parts = split_parts(batch)
         layout = BatchLayout.of(batch)
         extra = [layout.cls_rows[random.randrange(len(layout.cls_rows))]] if self.use_dpa and layout.cls_rows else []
         out = self.forward_tasks(batch, layout, extra)
@@ -396,11 +436,13 @@ class IGReg(MTLStrategy):
             present.update(margin=bool(layout.seg_rows), heterogeneity=bool(layout.seg_rows),
                            align=out.embedding is not None)
         if self.use_stdgp:
-            batches = self.task_batches(out, batch, layout)
+            batches = self.task_batches(out.features, batch, layout)
             self.sync_surrogates()
             if batches:
                 for i in range(self.surrogate_steps):
-                    logs["surrogate"] = self.surrogate_update(batches, identical=i == 0)
+                    own = self.encoded_task_batches(surrogate_parts[i]) if i < len(surrogate_parts) else batches
+                    if own:
+                        logs["surrogate"] = self.surrogate_update(own, identical=i == 0)
                 losses["feature_reg"], gate = self.feature_regularizer(out, batches, layout)
                 present["feature_reg"] = gate.any()
                 logs["gated"] = gate.float().mean()

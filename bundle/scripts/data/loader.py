@@ -55,7 +55,7 @@ def _plain(x: torch.Tensor) -> torch.Tensor:
 
 
 class TaskRows(torch.utils.data.Dataset):
-    """Turns a draw ``(case index, role, seed)`` into one training row of the contract.
+    """Turns a draw ``(case index, role, seed, part)`` into one training row of the contract.
 
     A task role keeps only that task's label (others ``-1``) and ``has_seg`` False; the ``seg`` role
     keeps the mask with ``has_seg`` True and every label ``-1``. ``augmentation`` (random, seeded by
@@ -69,7 +69,7 @@ class TaskRows(torch.utils.data.Dataset):
         return len(self.dataset)
 
     def __getitem__(self, draw: Draw) -> dict[str, Any]:
-        index, role, seed = draw
+        index, role, seed, part = draw
         item = self.dataset[index]
         row = {"image": _plain(item["image"]), "seg": _plain(item["seg"])}
         if self.augmentation is not None:
@@ -83,15 +83,17 @@ class TaskRows(torch.utils.data.Dataset):
             raise ValueError(f"case {item.get('case_id')} drawn for segmentation has no mask")
         return {"image": _plain(row["image"]).float(), "label": label,
                 "seg": _plain(row["seg"]).float() if role == SEG_ROLE else torch.zeros_like(_plain(row["seg"])),
-                "has_seg": torch.tensor(role == SEG_ROLE), "case_id": str(item.get("case_id", index))}
+                "has_seg": torch.tensor(role == SEG_ROLE), "part": torch.tensor(part),
+                "case_id": str(item.get("case_id", index))}
 
 
-BATCH_KEYS = ("image", "label", "seg", "has_seg")  # the tensors of a training batch (`collate_rows`)
+BATCH_KEYS = ("image", "label", "seg", "has_seg", "part")  # the tensors of a training batch (`collate_rows`)
 
 
 def collate_rows(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
-    """Stack rows into a batch ``{image [B,C,*S], label [B,T], seg [B,1,*S], has_seg [B], case_id [B]}``
-    (``case_id`` a list of strings, so that a warning can name the cases)."""
+    """Stack rows into a batch ``{image [B,C,*S], label [B,T], seg [B,1,*S], has_seg [B], part [B],
+    case_id [B]}`` (``part``: 0 for the main step's rows, s for surrogate step s's; ``case_id`` a list
+    of strings, so that a warning can name the cases)."""
     batch: dict[str, Any] = {key: torch.stack([r[key] for r in rows]) for key in BATCH_KEYS}
     batch["case_id"] = [r["case_id"] for r in rows]
     return batch
@@ -106,6 +108,8 @@ class TaskBalancedLoader:
         tasks: task names in batch order.
         augmentation: random transforms applied per row (seeded from the draw), or None.
         num_workers: DataLoader worker processes (kept alive across epochs).
+        surrogate_batches: extra task-balanced batches per step, one per STDGP surrogate step that
+            takes its own data (the strategy's ``surrogate_batches``); their rows have ``part`` 1, 2, ...
         other arguments: see :class:`~.sampler.TaskBalancedBatchSampler`.
 
     Its position is ``(epoch, iteration)`` = batches handed out so far in the current epoch:
@@ -115,9 +119,11 @@ class TaskBalancedLoader:
     def __init__(self, dataset: Dataset, tasks: Sequence[str], augmentation: Callable | None = None,
                  iters_per_epoch: int = 100, samples_per_class: int = 1, seg_samples: int = 1,
                  task_ratios: Sequence[int] | None = None, base_cases: int = 48, seed: int = 0,
-                 rank: int = 0, world_size: int = 1, num_workers: int = 0):
-        self.sampler = TaskBalancedBatchSampler(dataset.data, tasks, samples_per_class, seg_samples,
-                                                iters_per_epoch, task_ratios, base_cases, seed, rank, world_size)
+                 rank: int = 0, world_size: int = 1, num_workers: int = 0, surrogate_batches: int = 0):
+        self.sampler = TaskBalancedBatchSampler(
+            dataset.data, tasks, samples_per_class=samples_per_class, seg_samples=seg_samples,
+            iters_per_epoch=iters_per_epoch, task_ratios=task_ratios, base_cases=base_cases, seed=seed,
+            parts=1 + int(surrogate_batches), rank=rank, world_size=world_size)
         self.rows = TaskRows(dataset, tasks, augmentation)
         # its own generator: starting an epoch's iterator must not draw from the global RNG, so that a
         # resumed run (which starts its iterator at another point) consumes the global RNG identically
@@ -155,6 +161,6 @@ def segmentation_loader(dataset: Dataset, tasks: Sequence[str], max_cases: int |
                         batch_size: int = 1, num_workers: int = 0) -> DataLoader:
     """Un-augmented batches of the training cases that have a mask (for the DPA prototype
     initialisation), in datalist order, at most ``max_cases`` of them."""
-    draws = [(i, SEG_ROLE, 0) for i, c in enumerate(dataset.data) if "seg" in c][:max_cases]
+    draws = [(i, SEG_ROLE, 0, 0) for i, c in enumerate(dataset.data) if "seg" in c][:max_cases]
     return DataLoader(TaskRows(dataset, tasks), batch_size=batch_size, sampler=draws, collate_fn=collate_rows,
                       num_workers=num_workers)

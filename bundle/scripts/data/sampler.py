@@ -1,10 +1,11 @@
 """Task-balanced batches: per task an endless stream of its class-0 and of its class-1 cases, plus a
 stream of segmentation cases; a batch takes ``k`` of each class per task, in task order, then the
-segmentation rows.
+segmentation rows. A training step may take several such batches at once (``parts``: the main
+step's batch, then one per STDGP surrogate step), stacked as one batch whose rows carry their part.
 
 Every draw is a pure function of ``(seed, epoch, iteration)``: the stream position of a draw is
-``(epoch * iters_per_epoch + iteration) * k + j``, and each pass over a stream is a fresh seeded
-permutation. So the sampler restarts anywhere from ``set_epoch(epoch, iteration)``.
+``((epoch * iters_per_epoch + iteration) * parts + part) * k + j``, and each pass over a stream is a
+fresh seeded permutation. So the sampler restarts anywhere from ``set_epoch(epoch, iteration)``.
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ import numpy as np
 from .datalist import SEG_KEY
 
 SEG_ROLE = "seg"
-Draw = tuple[int, str, int]  # (case index, role: a task name or "seg", augmentation seed)
+Draw = tuple[int, str, int, int]  # (case index, role: a task name or "seg", augmentation seed, part)
 
 
 def _rng(*words: int) -> np.random.Generator:
@@ -49,8 +50,9 @@ def task_pool(cases: Sequence[Mapping[str, Any]], task: str, size: int | None, s
 
 
 class TaskBalancedBatchSampler:
-    """Yields per batch a list of :data:`Draw`: task 0's ``k`` class-0 then ``k`` class-1 draws,
-    task 1's, ..., then ``seg_samples`` segmentation draws.
+    """Yields per step a list of :data:`Draw`: for each part (0 = the main batch, then one per
+    surrogate step), task 0's ``k`` class-0 then ``k`` class-1 draws, task 1's, ..., then
+    ``seg_samples`` segmentation draws.
 
     Args:
         cases: the training cases (resolved datalist entries).
@@ -62,18 +64,21 @@ class TaskBalancedBatchSampler:
             cases used in training (class proportions kept), e.g. ``[1, 1, 5]``; None uses all.
         base_cases: cases per ratio unit (48 in the reference).
         seed: base seed of every draw.
+        parts: task-balanced batches per step (1 + the STDGP surrogate steps that take their own batch).
         rank, world_size: each rank draws from its own disjoint share of every stream.
     """
 
     def __init__(self, cases: Sequence[Mapping[str, Any]], tasks: Sequence[str], samples_per_class: int = 1,
                  seg_samples: int = 1, iters_per_epoch: int = 100, task_ratios: Sequence[int] | None = None,
-                 base_cases: int = 48, seed: int = 0, rank: int = 0, world_size: int = 1):
+                 base_cases: int = 48, seed: int = 0, parts: int = 1, rank: int = 0, world_size: int = 1):
+        if parts < 1:
+            raise ValueError(f"parts must be at least 1 (the main batch), got {parts}")
         if task_ratios is not None and len(task_ratios) != len(tasks):
             raise ValueError(f"task_ratios {list(task_ratios)} needs one entry per task {list(tasks)}")
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} outside world_size {world_size}")
         self.tasks, self.k, self.seg_samples = list(tasks), int(samples_per_class), int(seg_samples)
-        self.iters_per_epoch, self.seed, self.rank = int(iters_per_epoch), int(seed), int(rank)
+        self.iters_per_epoch, self.seed, self.rank, self.parts = int(iters_per_epoch), int(seed), int(rank), int(parts)
         self.epoch, self.start = 0, 0
         pools: dict[str, list[int]] = {}
         for t, task in enumerate(self.tasks):
@@ -106,16 +111,18 @@ class TaskBalancedBatchSampler:
         return int(members[_rng(self.seed, self._stream_ids[stream], cycle).permutation(len(members))[offset]])
 
     def batch(self, epoch: int, iteration: int) -> list[Draw]:
-        """The draws of batch ``iteration`` of ``epoch``."""
+        """The draws of step ``iteration`` of ``epoch``, part by part."""
         step = epoch * self.iters_per_epoch + iteration
         plan = [(f"{task}={c}", task, self.k) for task in self.tasks for c in (0, 1)]
         if self.seg_samples:
             plan.append((SEG_ROLE, SEG_ROLE, self.seg_samples))
-        rows: list[Draw] = []
-        for stream, role, n in plan:
-            rows += [(self.draw(stream, step * n + j), role, 0) for j in range(n)]
+        rows: list[tuple[int, str, int]] = []
+        for part in range(self.parts):
+            position = step * self.parts + part
+            for stream, role, n in plan:
+                rows += [(self.draw(stream, position * n + j), role, part) for j in range(n)]
         aug = _rng(self.seed, self.rank, step, len(self.streams)).integers(0, 2**31 - 1, len(rows))
-        return [(i, role, int(s)) for (i, role, _), s in zip(rows, aug)]
+        return [(i, role, int(s), part) for (i, role, part), s in zip(rows, aug)]
 
     def __iter__(self) -> Iterator[list[Draw]]:
         epoch, start = self.epoch, self.start
