@@ -142,7 +142,7 @@ def test_surrogate_update_changes_only_surrogates_each_around_its_task():
     net_before = [p.detach().clone() for p in strategy.network.parameters()]
     strategy.sync_surrogates()
     start = torch.cat([p.detach().reshape(-1) for p in strategy.surrogates[0].parameters()])
-    batches = strategy.task_batches(out.features, batch, layout)
+    batches = strategy.task_batches(out.features, batch["label"], layout.task_rows)
     grads, tasks, _ = task_gradients(strategy.surrogates[0], batches)
     strategy.surrogate_update(batches, identical=True)
     for b, p in zip(net_before, strategy.network.parameters()):
@@ -190,7 +190,7 @@ def test_identical_shortcut_equals_separate_surrogate_steps():
     for s, identical in ((a, True), (b, False)):
         out = s.forward_tasks(batch, layout)
         s.sync_surrogates()
-        s.surrogate_update(s.task_batches(out.features, batch, layout), identical=identical)
+        s.surrogate_update(s.task_batches(out.features, batch["label"], layout.task_rows), identical=identical)
     for pa, pb in zip(a.surrogates.parameters(), b.surrogates.parameters()):
         torch.testing.assert_close(pa, pb)
 

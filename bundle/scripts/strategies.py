@@ -7,7 +7,8 @@ Batch rows: `label[:, t] == -1` never contributes to task t; rows without `has_s
 to the segmentation, margin or heterogeneity losses; a term without any contributing row is zero.
 A batch may also hold the rows of IGReg's surrogate steps (`part` > 0, asked for through the
 strategy's `surrogate_batches`); only part 0 is the main step's batch.
-The row layout is read to the host once per step (one small transfer before any work is queued).
+The row layout (and which rows belong to which part) is read to the host at the start of each step
+(small transfers before any work is queued).
 Every optimizer update is guarded: the update is skipped when a loss term or a gradient is not
 finite (one small host read per update), and the names of the offending terms are left in
 `strategy.skipped` for the trainer to count. Under torch.distributed the gradients are averaged
@@ -100,7 +101,7 @@ def split_parts(batch: dict) -> List[dict]:
 
 def main_part(batch: dict) -> dict:
     """The main step's rows of a batch (part 0)."""
-    return split_parts(batch)[0] if "part" in batch else batch
+    return split_parts(batch)[0]
 
 
 def take_rows(x: Tensor, rows: Sequence[int]) -> Tensor:
@@ -362,23 +363,22 @@ class IGReg(MTLStrategy):
         for s in self.surrogates:
             s.load_from(self.network)
 
-    def task_batches(self, features: List[Tensor], batch: dict, layout: BatchLayout) -> list:
-        """`(task, detached encoder features of its rows, its labels)` for each task with rows."""
-        label = batch["label"]
+    @staticmethod
+    def task_batches(features: List[Tensor], label: Tensor, task_rows: List[List[int]]) -> list:
+        """`(task, detached encoder features of its rows, its labels)` for each task with rows
+        (`task_rows` index the rows of `features` and `label`)."""
         return [(t, [take_rows(f, rows).detach() for f in features], take_rows(label[:, t], rows))
-                for t, rows in enumerate(layout.task_rows) if rows]
+                for t, rows in enumerate(task_rows) if rows]
 
     @torch.no_grad()
-    def encoded_task_batches(self, batch: dict) -> list:
+    def encoded_task_batches(self, batch: dict, layout: BatchLayout) -> list:
         """`task_batches` of a surrogate step's own batch: its classification rows through the main
         encoder, without gradients (in training mode, as the main forward)."""
-        layout = BatchLayout.of(batch)
         if not layout.cls_rows:
             return []
         with self.autocast():
             features = self.network.encoder(take_rows(batch["image"], layout.cls_rows))
-        cls_only = {"label": take_rows(batch["label"], layout.cls_rows)}
-        return self.task_batches(features, cls_only, BatchLayout.of(cls_only))
+        return self.task_batches(features, take_rows(batch["label"], layout.cls_rows), layout.task_pos)
 
     def surrogate_update(self, task_batches: list, identical: bool = False) -> Tensor:
         """One projected step of every surrogate (surrogate k dominated by task k); returns the mean
@@ -426,6 +426,7 @@ class IGReg(MTLStrategy):
         self.skipped = []
         batch, *surrogate_parts = split_parts(batch)
         layout = BatchLayout.of(batch)
+        surrogate_layouts = [BatchLayout.of(part) for part in surrogate_parts]
         extra = [layout.cls_rows[random.randrange(len(layout.cls_rows))]] if self.use_dpa and layout.cls_rows else []
         out = self.forward_tasks(batch, layout, extra)
         losses = {"cls": torch.stack(out.task_losses).sum(), "seg": out.seg_loss}
@@ -436,11 +437,12 @@ class IGReg(MTLStrategy):
             present.update(margin=bool(layout.seg_rows), heterogeneity=bool(layout.seg_rows),
                            align=out.embedding is not None)
         if self.use_stdgp:
-            batches = self.task_batches(out.features, batch, layout)
+            batches = self.task_batches(out.features, batch["label"], layout.task_rows)
             self.sync_surrogates()
             if batches:
                 for i in range(self.surrogate_steps):
-                    own = self.encoded_task_batches(surrogate_parts[i]) if i < len(surrogate_parts) else batches
+                    own = (self.encoded_task_batches(surrogate_parts[i], surrogate_layouts[i])
+                           if i < len(surrogate_parts) else batches)
                     if own:
                         logs["surrogate"] = self.surrogate_update(own, identical=i == 0)
                 losses["feature_reg"], gate = self.feature_regularizer(out, batches, layout)
