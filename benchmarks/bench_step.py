@@ -60,12 +60,12 @@ def load_config(demo: bool, tiny: bool, demo_dir: str | None = None) -> ConfigPa
 
 
 def build(parser: ConfigParser, name: str, device: torch.device, amp: bool) -> MTLStrategy:
-    """The strategy `name` around the configured network, Lion optimizer and IGReg options."""
+    """The strategy `name` around the configured network, Lion optimizer, IGReg options and memory format."""
     from scripts.strategies import build_strategy
 
     network = parser.get_parsed_content("network_def").to(device)
     return build_strategy(name, network, parser.get_parsed_content("optimizer"), amp,
-                          parser.get_parsed_content("igreg"))
+                          parser.get_parsed_content("igreg"), parser.get_parsed_content("strategy#channels_last"))
 
 
 def fixed_batch(tasks: int, size: list[int], device: torch.device, seed: int = 0,

@@ -44,6 +44,21 @@ def plain_loss(strategy, batch):
     return (torch.stack(out.task_losses).sum() + out.seg_loss).item()
 
 
+def test_channels_last_stores_convolutions_channels_last_and_computes_the_same():
+    plain = make()
+    torch.manual_seed(0)
+    converted = build_strategy("igreg", IGRegNet(tasks=("idh", "grade"), **TINY), LION,
+                               igreg={"proto_dim": 8, "nc_neg": 2, "nc_pos": 2}, channels_last=True)
+    convs = [m.weight for m in converted.modules() if isinstance(m, torch.nn.Conv3d)]
+    assert convs and all(w.is_contiguous(memory_format=torch.channels_last_3d) for w in convs)
+    assert not all(w.is_contiguous() for w in convs)
+    batch = training_batch()
+    torch.testing.assert_close(plain_loss(converted, batch), plain_loss(plain, batch), rtol=1e-4, atol=1e-5)
+    before = [w.detach().clone() for w in convs]
+    converted.step(batch)                                 # the optimizers hold the converted parameters
+    assert not converted.skipped and any(not torch.equal(b, w) for b, w in zip(before, convs))
+
+
 def test_layout_reads_rows():
     batch = training_batch(tasks=3)
     batch["label"][2, 0] = 1                             # a row labelled for two tasks

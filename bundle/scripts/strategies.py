@@ -481,8 +481,14 @@ def _baseline(name: str) -> Callable[..., MTLStrategy]:
 
 
 def build_strategy(name: str, network: IGRegNet, optimizer: OptimizerFactory, amp: bool = False,
-                   igreg: dict | None = None) -> MTLStrategy:
-    """The strategy called `name` (a key of `STRATEGIES`); `igreg` holds the IGReg options."""
+                   igreg: dict | None = None, channels_last: bool = False) -> MTLStrategy:
+    """The strategy called `name` (a key of `STRATEGIES`); `igreg` holds the IGReg options.
+    `channels_last` stores every 3D convolution weight of the strategy (network, surrogates,
+    prototype projection) channels-last, which the convolutions then also use for their outputs:
+    the same model, faster on CPU (oneDNN) and with AMP on GPU."""
     if name not in STRATEGIES:
         raise ValueError(f"unknown strategy {name!r}; known: {sorted(STRATEGIES)}")
-    return STRATEGIES[name](network, optimizer, amp, dict(igreg or {}))
+    strategy = STRATEGIES[name](network, optimizer, amp, dict(igreg or {}))
+    if channels_last:
+        strategy.to(memory_format=torch.channels_last_3d)  # in place: the optimizers keep their parameters
+    return strategy
