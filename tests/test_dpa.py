@@ -117,3 +117,25 @@ def test_losses_finite_and_differentiable_for_any_size(size, fill):
     for grad in (embedding.grad, bank.prototypes.grad, bank.proj.weight.grad):
         assert grad is not None and torch.isfinite(grad).all()
     assert bank.prototypes.grad.abs().sum() > 0
+
+
+def test_alignment_samples_the_reference_share_of_the_full_volume():
+    """1/64 of the full-resolution voxels at stride 4 (64 voxels per feature voxel) is every feature
+    voxel once: no random subset, the loss equals InfoNCE over the whole grid."""
+    torch.manual_seed(0)
+    bank = PrototypeBank(in_channels=4, dim=8, nc_neg=2, nc_pos=2, temperature=0.5)
+    z = torch.randn(2, 8, 3, 4, 5)
+    every_voxel = bank.infonce(z.flatten(2).transpose(1, 2).reshape(-1, 8))
+    torch.testing.assert_close(bank.alignment_loss(z, 1 / 64, upsampling=64), every_voxel)
+    torch.manual_seed(1)
+    torch.testing.assert_close(bank.alignment_loss(z, 1 / 64, upsampling=64), every_voxel)
+
+
+def test_alignment_with_a_smaller_share_samples_a_subset():
+    bank = PrototypeBank(in_channels=4, dim=8, nc_neg=2, nc_pos=2, temperature=0.5)
+    z = torch.randn(1, 8, 4, 4, 4)
+    seen = []
+    bank.infonce = lambda feats: seen.append(feats.shape[0]) or feats.sum()
+    bank.alignment_loss(z, 1 / 64, upsampling=8)
+    bank.alignment_loss(z, 1 / 64, upsampling=1)
+    assert seen == [8, 1]

@@ -82,13 +82,26 @@ class PrototypeBank(nn.Module):
         """Cosine of each feature vector [..., dim] with each prototype -> [..., K]."""
         return F.normalize(z, dim=-1) @ F.normalize(self.prototypes, dim=1).t()
 
-    def alignment_loss(self, z: Tensor, fraction: float) -> Tensor:
-        """Unsupervised InfoNCE on a random `fraction` of the voxels of `z` [B, dim, *s]: each voxel's
-        nearest prototype is its positive, every other prototype a negative."""
+    def alignment_loss(self, z: Tensor, fraction: float, upsampling: float = 1.0) -> Tensor:
+        """Unsupervised InfoNCE (`infonce`) on sampled voxels of `z` [B, dim, *s].
+
+        `fraction` is the share of the voxels of the full-resolution volume, which has `upsampling`
+        voxels per feature voxel (64 for the stride-4 `M_t`). The reference draws that share of the
+        voxels of the pair upsampled to the input size; each such voxel's feature is a trilinear mix of
+        its neighbours on the feature grid, so 1/64 of the full volume at stride 4 is as many samples
+        as the grid has voxels: the feature grid's voxels are then all used, once each. A smaller share
+        draws a random subset of the grid's voxels.
+        """
         flat = voxels(z).reshape(-1, z.shape[1])
-        n = max(1, int(flat.shape[0] * fraction))
-        picked = flat[torch.randperm(flat.shape[0], device=z.device)[:n]]
-        logits = self.cosine(picked) / self.temperature
+        n = max(1, round(flat.shape[0] * fraction * upsampling))
+        if n < flat.shape[0]:
+            flat = flat[torch.randperm(flat.shape[0], device=z.device)[:n]]
+        return self.infonce(flat)
+
+    def infonce(self, feats: Tensor) -> Tensor:
+        """InfoNCE of feature vectors [N, dim]: each vector's nearest prototype is its positive, every
+        other prototype a negative (cosines over the temperature, mean cross-entropy)."""
+        logits = self.cosine(feats) / self.temperature
         return F.cross_entropy(logits, logits.detach().argmax(1))
 
     def margin_heterogeneity(self, z: Tensor, tumor: Tensor) -> Tuple[Tensor, Tensor]:

@@ -280,7 +280,8 @@ class IGReg(MTLStrategy):
         use_stdgp: surrogates and the feature regularizer; off = the "no STDGP" ablation.
         surrogate_steps: surrogate updates per outer iteration.
         nc_neg, nc_pos, proto_dim, temperature, margin: the prototype bank (see `PrototypeBank`).
-        align_fraction: share of the pair's feature voxels used by the alignment loss.
+        align_fraction: share of the full-resolution voxels of the pair that the alignment loss samples
+            (the reference's 1/64; see `PrototypeBank.alignment_loss` for the feature grid).
         feature_distance: l2 | mse | cosine, for the feature regularizer.
         init_voxels: most voxels per super-class kept for the k-means initialisation.
     """
@@ -350,7 +351,9 @@ class IGReg(MTLStrategy):
             return {"margin": zero, "heterogeneity": zero, "align": zero}
         with self.autocast():
             z = self.dpa.project(out.embedding)
-        losses = {"align": self.dpa.alignment_loss(z, self.align_fraction), "margin": zero, "heterogeneity": zero}
+        upsampling = batch["image"][0, 0].numel() / z[0, 0].numel()
+        losses = {"align": self.dpa.alignment_loss(z, self.align_fraction, upsampling),
+                  "margin": zero, "heterogeneity": zero}
         n = len(layout.seg_rows)
         if n:
             tumor = mask_to_grid(take_rows(batch["seg"], layout.seg_rows), z.shape[2:])
