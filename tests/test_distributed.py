@@ -148,7 +148,8 @@ def torchrun(tmp_path_factory) -> Path:
              "finalize": [PROBE, "$dist.destroy_process_group()"]}
     (root / "probe.yaml").write_text(yaml.safe_dump(probe))
     overrides = {"dataset_dir": str(cohort), "demo_dir": str(cohort), "probe_dir": str(root), "epochs": 1,
-                 "iters_per_epoch": 2, "diagnose_every": 1, **TINY}
+                 "iters_per_epoch": 2, "diagnose_every": 1,
+                 "igreg#prototype_warmup": 1, **TINY}                    # k-means between the two iterations
     args = []
     for k, v in overrides.items():
         args += [f"--{k}", v if isinstance(v, str) else json.dumps(v)]

@@ -91,6 +91,7 @@ def test_vectorised_losses_match_the_pairwise_loop():
 def test_alignment_loss_targets_the_nearest_prototype():
     torch.manual_seed(0)
     bank = PrototypeBank(in_channels=4, dim=8, nc_neg=2, nc_pos=2, temperature=0.5)
+    bank.prototypes.data = F.normalize(torch.randn(4, 8), dim=1)     # distinct, as after k-means
     z = bank.prototypes.detach()[1][None, :, None, None, None].repeat(1, 1, 2, 2, 2)
     near = bank.alignment_loss(z, 1.0)
     far = bank.alignment_loss(-z + 0.3 * bank.prototypes.detach()[0][None, :, None, None, None], 1.0)

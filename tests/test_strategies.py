@@ -122,6 +122,44 @@ def test_initialize_runs_once():
         make().initialize([no_seg])
 
 
+@pytest.mark.parametrize("warmup", [0, 2])
+def test_prototypes_stay_equal_until_the_warmup_ends_then_take_the_kmeans_centers(warmup):
+    """The reference's schedule: prototypes start all equal and are trained as parameters for
+    `prototype_warmup` iterations; then k-means runs once, on the network trained so far."""
+    from ignite.engine import Events
+
+    from scripts.engine import IGRegTrainer
+
+    strategy = make(surrogate_steps=1, prototype_warmup=warmup)
+    assert torch.equal(strategy.dpa.prototypes, torch.ones_like(strategy.dpa.prototypes))
+    assert strategy.initialization_due(warmup) and not strategy.initialization_due(warmup - 1)
+    batches = [training_batch(seed=i) for i in range(4)]
+    seen = []
+    trainer = IGRegTrainer("cpu", 1, batches, strategy, epoch_length=4, prototype_loader=[batches[0]])
+    trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda e: seen.append(
+        (bool(strategy.dpa.initialized), strategy.dpa.prototypes.detach().clone())))
+    kmeans_weights = []
+    initialize = strategy.initialize
+    strategy.initialize = lambda b: kmeans_weights.append(strategy.network.encoder.state_dict()) or initialize(b)
+    trainer.run()
+    assert [done for done, _ in seen] == [i >= warmup for i in range(4)]
+    assert len(kmeans_weights) == 1                       # once, and never again
+    assert not strategy.initialization_due(warmup + 5)
+    if warmup:
+        first = IGRegNet(tasks=("idh", "grade"), **TINY).encoder.state_dict()   # make() seeds the same net
+        assert any(not torch.equal(first[k], v) for k, v in kmeans_weights[0].items())   # a trained network
+
+
+def test_equal_prototypes_give_the_features_no_prototype_gradient():
+    strategy = make(surrogate_steps=1)
+    z = torch.randn(2, 8, 3, 3, 3, requires_grad=True)
+    tumor = (torch.rand(1, 1, 3, 3, 3) > 0.5).float()
+    margin, het = strategy.dpa.margin_heterogeneity(z[1:], tumor)
+    align = strategy.dpa.alignment_loss(z, 1.0)
+    (margin + het + align).backward()
+    assert z.grad.abs().max() < 1e-6
+
+
 def test_main_update_changes_no_surrogate_parameter_and_logs_every_term():
     strategy = make(surrogate_steps=1)
     batch = training_batch()

@@ -57,6 +57,9 @@ class PrototypeBank(nn.Module):
     """1x1x1 projection of `M_t` and `nc_neg` background + `nc_pos` tumor prototypes (rows of
     `prototypes`, background first). Similarities are cosines divided by `temperature`.
 
+    As in the reference, the prototypes start all equal (ones): the margin and alignment losses then
+    give the features no gradient, until `initialize` puts the k-means centers in their place.
+
     Args:
         in_channels: channels of `M_t`.
         dim: projection width.
@@ -69,7 +72,7 @@ class PrototypeBank(nn.Module):
                  temperature: float = 0.01, margin: float = 0.5) -> None:
         super().__init__()
         self.proj = nn.Conv3d(in_channels, dim, 1)
-        self.prototypes = nn.Parameter(F.normalize(torch.randn(nc_neg + nc_pos, dim), dim=1))
+        self.prototypes = nn.Parameter(torch.ones(nc_neg + nc_pos, dim))  # all equal until `initialize`
         self.register_buffer("initialized", torch.zeros((), dtype=torch.bool))
         self.nc_neg, self.nc_pos = nc_neg, nc_pos
         self.temperature, self.margin = temperature, margin

@@ -79,8 +79,9 @@ class IGRegTrainer(Trainer):
         train_data_loader: yields task-balanced training batches (`image`, `label`, `seg`, `has_seg`).
         strategy: the multi-task method; owns the network and every optimizer.
         epoch_length: iterations per epoch (the reference: 100).
-        prototype_loader: batches of segmentation cases used to initialise the DPA prototypes before
-            the first iteration (skipped when training resumes from a saved state).
+        prototype_loader: batches of segmentation cases for the strategy's one-time initialisation (IGReg:
+            the k-means of the DPA prototypes), run before the first iteration at which the strategy says
+            it is due (`MTLStrategy.initialization_due`; a resumed run that already did it does not redo it).
         train_handlers: MONAI / Ignite handlers to attach.
         max_bad_steps: consecutive iterations with a skipped (non-finite) update that stop training
             with `NonFiniteTrainingError`.
@@ -104,10 +105,11 @@ class IGRegTrainer(Trainer):
                          epoch_length=epoch_length, non_blocking=non_blocking, prepare_batch=prepare_batch,
                          handlers=train_handlers, decollate=False, **kwargs)
         self.state.skipped_steps = self.state.consecutive_skipped = 0  # restored by TrainingState on resume
-        self.add_event_handler(Events.STARTED, self._initialize_strategy)
+        self.add_event_handler(Events.ITERATION_STARTED, self._initialize_strategy)
 
     def _initialize_strategy(self, engine: "IGRegTrainer") -> None:
-        if engine.state.iteration == 0 and self.prototype_loader is not None:
+        """Before an iteration: the strategy's initialisation, once it is due (iterations done so far)."""
+        if self.prototype_loader is not None and self.strategy.initialization_due(engine.state.iteration - 1):
             self.strategy.initialize(
                 {"image": img, **tgt} for img, tgt in
                 (prepare_batch(b, engine.state.device, self.non_blocking) for b in self.prototype_loader))

@@ -174,8 +174,12 @@ class MTLStrategy(nn.Module, abc.ABC):
             return torch.autocast("cuda", dtype=torch.bfloat16)
         return nullcontext()
 
+    def initialization_due(self, iterations_done: int) -> bool:
+        """Whether the trainer should call `initialize` before the next iteration; never here."""
+        return False
+
     def initialize(self, seg_batches: Iterable[dict]) -> None:
-        """Called once before the first epoch with batches of segmentation cases; nothing to do here."""
+        """One-time set-up from batches of segmentation cases (see `initialization_due`); nothing here."""
 
     @abc.abstractmethod
     def step(self, batch: dict) -> dict[str, Tensor]:
@@ -284,12 +288,15 @@ class IGReg(MTLStrategy):
             (the reference's 1/64; see `PrototypeBank.alignment_loss` for the feature grid).
         feature_distance: l2 | mse | cosine, for the feature regularizer.
         init_voxels: most voxels per super-class kept for the k-means initialisation.
+        prototype_warmup: outer iterations before the prototypes' k-means, as in the reference, where the
+            prototypes stay constant (all equal) until its first epoch ends and k-means then runs on the
+            network trained so far; 0 runs it on the untrained network before the first iteration.
     """
 
     def __init__(self, network: IGRegNet, optimizer: OptimizerFactory, amp: bool = False, use_dpa: bool = True,
                  use_stdgp: bool = True, surrogate_steps: int = 2, nc_neg: int = 6, nc_pos: int = 6,
                  proto_dim: int = 64, temperature: float = 0.01, margin: float = 0.5, align_fraction: float = 1 / 64,
-                 feature_distance: str = "l2", init_voxels: int = 20000) -> None:
+                 feature_distance: str = "l2", init_voxels: int = 20000, prototype_warmup: int = 0) -> None:
         super().__init__(network, optimizer, amp)
         if feature_distance not in DISTANCES:
             raise ValueError(f"feature_distance must be one of {DISTANCES}, got {feature_distance!r}")
@@ -298,6 +305,9 @@ class IGReg(MTLStrategy):
         self.align_fraction = align_fraction
         self.feature_distance = feature_distance
         self.init_voxels = init_voxels
+        if prototype_warmup < 0:
+            raise ValueError(f"prototype_warmup must be 0 or more iterations, got {prototype_warmup}")
+        self.prototype_warmup = int(prototype_warmup)
         terms = ["cls", "seg"] + (["margin", "heterogeneity", "align"] if use_dpa else [])
         terms += ["feature_reg"] if use_stdgp else []
         self.weighting = UncertaintyWeighting(terms).to(self.device)
@@ -313,6 +323,10 @@ class IGReg(MTLStrategy):
             self.surrogate_batches = surrogate_steps
 
     # ---- DPA ------------------------------------------------------------------------------------
+    def initialization_due(self, iterations_done: int) -> bool:
+        """The prototypes' k-means is due once `prototype_warmup` iterations are done, until it has run."""
+        return self.use_dpa and iterations_done >= self.prototype_warmup and not bool(self.dpa.initialized)
+
     @torch.no_grad()
     def initialize(self, seg_batches: Iterable[dict]) -> None:
         """k-means initialisation of the prototypes from the segmentation cases of `seg_batches`
