@@ -194,15 +194,16 @@ def test_surrogate_update_changes_only_surrogates_each_around_its_task():
     out = strategy.forward_tasks(batch, layout)
     net_before = [p.detach().clone() for p in strategy.network.parameters()]
     strategy.sync_surrogates()
-    start = torch.cat([p.detach().reshape(-1) for p in strategy.surrogates[0].parameters()])
+    starts = [torch.cat([p.detach().reshape(-1) for p in s.parameters()]) for s in strategy.surrogates]
     batches = strategy.task_batches(out.features, batch["label"], layout.task_rows)
-    grads, tasks, _ = task_gradients(strategy.surrogates[0], batches)
-    strategy.surrogate_update(batches, identical=True)
+    grads = [task_gradients(s, batches)[0] for s in strategy.surrogates]   # each with its own heads
+    assert not torch.allclose(grads[0], grads[1])
+    strategy.surrogate_update(batches)
     for b, p in zip(net_before, strategy.network.parameters()):
         torch.testing.assert_close(p.detach(), b)
     for k, s in enumerate(strategy.surrogates):
         now = torch.cat([p.detach().reshape(-1) for p in s.parameters()])
-        torch.testing.assert_close(now - start, -task_dominant_projection(grads, k))
+        torch.testing.assert_close(now - starts[k], -task_dominant_projection(grads[k], k))
 
 
 def with_parts(*batches):
@@ -221,7 +222,7 @@ def test_surrogate_steps_train_on_their_own_batches_and_the_gate_on_the_main_one
     second["label"][:2, 0] = -1                          # the second surrogate batch lacks task idh
     seen = []
     update = strategy.surrogate_update
-    strategy.surrogate_update = lambda batches, identical=False: seen.append(batches) or update(batches, identical)
+    strategy.surrogate_update = lambda batches: seen.append(batches) or update(batches)
     regularize = strategy.feature_regularizer
     gated = []
     strategy.feature_regularizer = lambda out, batches, lay: gated.append(batches) or regularize(out, batches, lay)
@@ -236,16 +237,27 @@ def test_surrogate_steps_train_on_their_own_batches_and_the_gate_on_the_main_one
     assert gated[0][0][1][0].shape[0] == 2               # the main batch's rows only, not the parts'
 
 
-def test_identical_shortcut_equals_separate_surrogate_steps():
-    a, b = make(), make()
-    batch = training_batch()
-    layout = BatchLayout.of(batch)
-    for s, identical in ((a, True), (b, False)):
-        out = s.forward_tasks(batch, layout)
-        s.sync_surrogates()
-        s.surrogate_update(s.task_batches(out.features, batch["label"], layout.task_rows), identical=identical)
-    for pa, pb in zip(a.surrogates.parameters(), b.surrogates.parameters()):
-        torch.testing.assert_close(pa, pb)
+def test_surrogates_keep_their_own_heads_and_take_the_rest_of_the_classification_path():
+    """As the reference's copy_param: neck and classification branch copied each outer iteration,
+    the task heads never; they start apart from the network's and only surrogate steps train them."""
+    strategy = make(surrogate_steps=1)
+    net_heads = strategy.network.classifier.heads.state_dict()
+    heads = [{k: v.clone() for k, v in s.classifier.heads.state_dict().items()} for s in strategy.surrogates]
+    for own in heads:
+        assert all(not torch.equal(own[k], net_heads[k]) for k in own)
+    assert not torch.equal(heads[0]["0.weight"], heads[1]["0.weight"])
+    strategy.step(training_batch())
+    for s, own in zip(strategy.surrogates, heads):
+        assert any(not torch.equal(v, own[k]) for k, v in s.classifier.heads.state_dict().items())  # trained
+        trained = {k: v.clone() for k, v in s.classifier.heads.state_dict().items()}
+        s.load_from(strategy.network)
+        for k, v in s.classifier.heads.state_dict().items():
+            torch.testing.assert_close(v, trained[k])            # the copy leaves them alone
+        for (name, mine), theirs in zip(s.neck.state_dict().items(), strategy.network.neck.state_dict().values()):
+            torch.testing.assert_close(mine, theirs)
+        gate = s.classifier.gate8.state_dict()
+        for k, v in strategy.network.classifier.gate8.state_dict().items():
+            torch.testing.assert_close(gate[k], v)
 
 
 def test_missing_labels_and_masks_contribute_nothing():

@@ -1,7 +1,8 @@
 """STDGP, surrogate task-dominant gradient projection.
 
 One surrogate classifier per task (a copy of the network's classification path: neck and
-classification branch), re-copied from the main network every outer iteration. In a surrogate
+classification branch, with task heads of its own), re-copied from the main network every outer
+iteration except for its heads. In a surrogate
 step, surrogate k keeps task k's gradient as it is and removes from every other task's gradient
 its component against task k's; the sum is applied by the surrogate's own optimizer. The main
 network is then pulled toward a surrogate's feature for the samples where the surrogate predicts
@@ -37,18 +38,27 @@ def task_dominant_projection(task_grads: Tensor, dominant: int) -> Tensor:
 
 
 class Surrogate(nn.Module):
-    """A copy of a network's classification path; `forward(encoder features) -> (F_t, logits per task)`."""
+    """A copy of a network's classification path; `forward(encoder features) -> (F_t, logits per task)`.
+
+    As in the reference's auxiliary classifiers, the task heads are the surrogate's own: initialised
+    independently of the network's, never copied from it, trained only by surrogate steps.
+    """
 
     def __init__(self, network: nn.Module) -> None:
         super().__init__()
         self.neck = copy.deepcopy(network.neck)
         self.classifier = copy.deepcopy(network.classifier)
+        for head in self.classifier.heads:
+            head.reset_parameters()
 
     @torch.no_grad()
     def load_from(self, network: nn.Module) -> None:
-        """Copy the network's current neck and classification branch into this surrogate."""
+        """Copy the network's current neck and classification branch, all but the task heads, into
+        this surrogate."""
         self.neck.load_state_dict(network.neck.state_dict())
-        self.classifier.load_state_dict(network.classifier.state_dict())
+        for name, module in network.classifier.named_children():
+            if name != "heads":
+                getattr(self.classifier, name).load_state_dict(module.state_dict())
 
     def task_logits(self, feats: List[Tensor], task: int) -> Tuple[Tensor, Tensor]:
         """(F_t, logits of head `task`) for encoder features of some rows."""

@@ -265,7 +265,7 @@ class EqualWeighting(MTLStrategy):
 class IGReg(MTLStrategy):
     """IGReg: the multi-task network trained with DPA and STDGP under uncertainty weighting.
 
-    One `step` is one outer iteration: copy the main classification path into the task surrogates,
+    One `step` is one outer iteration: copy the main classification path (not the heads) into the task surrogates,
     `surrogate_steps` projected surrogate updates, then the main update on the uncertainty-weighted
     sum of cls, seg, margin, heterogeneity, align and feature_reg.
 
@@ -376,7 +376,7 @@ class IGReg(MTLStrategy):
 
     # ---- STDGP ----------------------------------------------------------------------------------
     def sync_surrogates(self) -> None:
-        """Copy the main classification path into every surrogate."""
+        """Copy the main classification path, all but the task heads, into every surrogate."""
         for s in self.surrogates:
             s.load_from(self.network)
 
@@ -397,28 +397,21 @@ class IGReg(MTLStrategy):
             features = self.network.encoder(take_rows(batch["image"], layout.cls_rows))
         return self.task_batches(features, take_rows(batch["label"], layout.cls_rows), layout.task_pos)
 
-    def surrogate_update(self, task_batches: list, identical: bool = False) -> Tensor:
+    def surrogate_update(self, task_batches: list) -> Tensor:
         """One projected step of every surrogate (surrogate k dominated by task k); returns the mean
         over surrogates of their summed task losses before the step.
 
-        `identical` says that all surrogates hold the same parameters (right after `sync_surrogates`):
-        the per-task gradients are then computed once and merged around each surrogate's task.
         The per-task gradients are averaged across ranks before the projection; when a loss or a
         gradient is not finite no surrogate is updated ("surrogate" goes to `skipped`).
         """
-        pairs = list(enumerate(zip(self.surrogates, self.optimizers[1:])))
-        if identical:
-            grads, tasks, loss = task_gradients(self.surrogates[0], task_batches, self.autocast)
-            grads = [grads] * len(pairs)
-        else:
-            per_surrogate = [task_gradients(s, task_batches, self.autocast) for _, (s, _) in pairs]
-            grads = [g for g, _, _ in per_surrogate]
-            tasks, loss = per_surrogate[0][1], torch.stack([lo for _, _, lo in per_surrogate]).mean()
-        unique = grads[:1] if identical else grads
-        if non_finite_names(average_with_terms(unique, {"surrogate": loss}), unique, "surrogate"):
+        pairs = list(zip(self.surrogates, self.optimizers[1:]))
+        per_surrogate = [task_gradients(s, task_batches, self.autocast) for s, _ in pairs]
+        grads = [g for g, _, _ in per_surrogate]
+        tasks, loss = per_surrogate[0][1], torch.stack([lo for _, _, lo in per_surrogate]).mean()
+        if non_finite_names(average_with_terms(grads, {"surrogate": loss}), grads, "surrogate"):
             self.skipped.append("surrogate")
             return loss
-        for (k, (s, opt)), g in zip(pairs, grads):
+        for k, ((s, opt), g) in enumerate(zip(pairs, grads)):
             projected_update(s, opt, g, tasks, k)
         return loss
 
@@ -461,7 +454,7 @@ class IGReg(MTLStrategy):
                     own = (self.encoded_task_batches(surrogate_parts[i], surrogate_layouts[i])
                            if i < len(surrogate_parts) else batches)
                     if own:
-                        logs["surrogate"] = self.surrogate_update(own, identical=i == 0)
+                        logs["surrogate"] = self.surrogate_update(own)
                 losses["feature_reg"], gate = self.feature_regularizer(out, batches, layout)
                 present["feature_reg"] = gate.any()
                 logs["gated"] = gate.float().mean()
