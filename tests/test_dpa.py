@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from scripts.dpa import PrototypeBank, VoxelPool, kmeans, mask_to_grid
+from scripts.dpa import PrototypeBank, VoxelPool, kmeans_reference, kmeans_spherical, mask_to_grid
 
 
 def two_clusters(n=200, dim=8, seed=0):
@@ -14,32 +14,51 @@ def two_clusters(n=200, dim=8, seed=0):
     return a, b
 
 
-def test_kmeans_separates_two_clusters():
+@pytest.mark.parametrize("kmeans", [kmeans_reference, kmeans_spherical])
+def test_kmeans_separates_two_clusters(kmeans):
     torch.manual_seed(0)
     a, b = two_clusters()
     centers = kmeans(torch.cat((a, b)), 2)
-    assign = torch.cdist(torch.cat((a, b)), centers).argmin(1)
+    assign = torch.cdist(F.normalize(torch.cat((a, b)), dim=1), F.normalize(centers, dim=1)).argmin(1)
     assert assign[:200].unique().numel() == 1 and assign[200:].unique().numel() == 1
     assert assign[0] != assign[-1]
-    torch.testing.assert_close(centers[assign[0]], a.mean(0))
+    expected = a.mean(0) if kmeans is kmeans_reference else F.normalize(F.normalize(a, dim=1).mean(0), dim=0)
+    torch.testing.assert_close(centers[assign[0]], expected)
 
 
-def test_kmeans_with_fewer_points_than_clusters():
+@pytest.mark.parametrize("kmeans", [kmeans_reference, kmeans_spherical])
+def test_kmeans_with_fewer_points_than_clusters(kmeans):
     centers = kmeans(torch.randn(2, 4), 5)
     assert centers.shape == (5, 4) and torch.isfinite(centers).all()
 
 
-def test_prototype_initialisation_follows_the_super_classes():
+def test_reference_kmeans_keeps_raw_centers_and_starts_from_the_given_points():
+    x = torch.tensor([[0.0, 0.0], [0.0, 2.0], [10.0, 0.0], [10.0, 2.0], [5.0, 100.0]])
+    centers = kmeans_reference(x, 2, init=torch.tensor([0, 4]))
+    torch.testing.assert_close(centers, torch.tensor([[5.0, 1.0], [5.0, 100.0]]))
+    centers = kmeans_reference(x, 2, init=torch.tensor([0, 1]))      # another start: still a fixed point
+    assign = torch.cdist(x, centers).argmin(1)
+    torch.testing.assert_close(centers, torch.stack([x[assign == c].mean(0) for c in range(2)]))
+
+
+@pytest.mark.parametrize("method", ["reference", "spherical"])
+def test_prototype_initialisation_follows_the_super_classes(method):
     torch.manual_seed(0)
     tumor, background = two_clusters(dim=16)
     bank = PrototypeBank(in_channels=4, dim=16, nc_neg=3, nc_pos=2)
     assert not bank.initialized
-    bank.initialize(tumor, background)
+    bank.initialize(3 * tumor, background, method)
     assert bank.initialized
     cos = bank.cosine(torch.cat((tumor, background)))
     nearest = cos.argmax(1)
     assert (nearest[:200] >= 3).all() and (nearest[200:] < 3).all()
-    torch.testing.assert_close(bank.prototypes.norm(dim=1), torch.ones(5))
+    norms = bank.prototypes.norm(dim=1)
+    if method == "spherical":
+        torch.testing.assert_close(norms, torch.ones(5))
+    else:                                                    # the features' own scale, as in the reference
+        assert (norms[3:] > 8).all() and (norms[:3] < 4).all()
+    with pytest.raises(ValueError, match="k-means method"):
+        bank.initialize(tumor, background, "kmedoids")
 
 
 def test_voxel_pool_splits_and_caps():

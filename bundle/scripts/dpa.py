@@ -27,13 +27,38 @@ def voxels(x: Tensor) -> Tensor:
 
 
 @torch.no_grad()
-def kmeans(x: Tensor, k: int, iters: int = 30) -> Tensor:
-    """Lloyd's k-means with k-means++ seeding, in torch on `x`'s device. `x` [N, D] -> centers [k, D].
-
-    With fewer points than clusters, points are drawn with replacement. An empty cluster keeps its
-    previous center.
-    """
+def kmeans_reference(x: Tensor, k: int, tol: float = 1e-4, max_iter: int = 1000, init: Tensor | None = None) -> Tensor:
+    """Lloyd's k-means as the reference runs it (`kmeans_pytorch`, Euclidean): `k` distinct random
+    points as the first centers (or the points `init` indexes), then alternate nearest-center
+    assignment and per-cluster means until the summed center shift, squared, falls below `tol`; an
+    empty cluster takes a random point. Raw (not normalised) points and centers. `x` [N, D] -> [k, D].
+    `max_iter` bounds the loop (the reference has no bound). With fewer points than clusters, points
+    are drawn with replacement."""
     x = x.float()
+    n = x.shape[0]
+    if n == 0:
+        raise ValueError("k-means needs at least one point")
+    if n < k:
+        return x[torch.randint(n, (k,), device=x.device)]
+    index = torch.randperm(n, device=x.device)[:k] if init is None else init.to(x.device)
+    centers = x[index].clone()
+    for _ in range(max_iter):
+        assign = torch.cdist(x, centers).argmin(1)
+        previous = centers.clone()
+        for c in range(k):
+            members = x[assign == c]
+            centers[c] = members.mean(0) if members.shape[0] else x[torch.randint(n, (1,), device=x.device)][0]
+        if torch.linalg.vector_norm(centers - previous, dim=1).sum() ** 2 < tol:
+            break
+    return centers
+
+
+@torch.no_grad()
+def kmeans_spherical(x: Tensor, k: int, iters: int = 30) -> Tensor:
+    """Lloyd's k-means of L2-normalised points with k-means++ seeding and `iters` rounds; returns the
+    normalised centers. `x` [N, D] -> [k, D]. With fewer points than clusters, points are drawn with
+    replacement. An empty cluster keeps its previous center."""
+    x = F.normalize(x.float(), dim=1)
     n = x.shape[0]
     if n == 0:
         raise ValueError("k-means needs at least one point")
@@ -50,7 +75,10 @@ def kmeans(x: Tensor, k: int, iters: int = 30) -> Tensor:
         sums = torch.zeros_like(centers).index_add_(0, assign, x)
         counts = torch.bincount(assign, minlength=k).to(x.dtype)[:, None]
         centers = torch.where(counts > 0, sums / counts.clamp_min(1), centers)
-    return centers
+    return F.normalize(centers, dim=1)
+
+
+KMEANS = {"reference": kmeans_reference, "spherical": kmeans_spherical}
 
 
 class PrototypeBank(nn.Module):
@@ -132,16 +160,19 @@ class PrototypeBank(nn.Module):
         return margin_loss, 1 - dice.mean()
 
     @torch.no_grad()
-    def initialize(self, tumor_feats: Tensor, background_feats: Tensor) -> None:
-        """k-means of each super-class's projected voxels [N, dim]; the centers, L2-normalised, become
-        the prototypes. Background voxels are subsampled to the number of tumor voxels."""
+    def initialize(self, tumor_feats: Tensor, background_feats: Tensor, method: str = "reference") -> None:
+        """k-means of each super-class's projected voxels [N, dim]; the centers become the prototypes.
+        Background voxels are subsampled to the number of tumor voxels. `method`: "reference" (the
+        reference's k-means of the raw features: raw centers, whose norm also sets how far one Lion
+        step turns a prototype) or "spherical" (k-means++ on normalised features, unit centers)."""
+        if method not in KMEANS:
+            raise ValueError(f"unknown k-means method {method!r}; use one of {sorted(KMEANS)}")
         n = tumor_feats.shape[0]
         if n == 0:
             raise ValueError("prototype initialisation found no tumor voxel in the segmentation cases")
         bg = background_feats[torch.randperm(background_feats.shape[0], device=background_feats.device)[:n]]
-        tumor, bg = F.normalize(tumor_feats.float(), dim=1), F.normalize(bg.float(), dim=1)
-        centers = torch.cat((kmeans(bg, self.nc_neg), kmeans(tumor, self.nc_pos)), 0)
-        self.prototypes.copy_(F.normalize(centers, dim=1))
+        cluster = KMEANS[method]
+        self.prototypes.copy_(torch.cat((cluster(bg, self.nc_neg), cluster(tumor_feats, self.nc_pos)), 0))
         self.initialized.fill_(True)
 
 

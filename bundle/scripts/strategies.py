@@ -30,7 +30,7 @@ from torch.nn import Parameter
 from torch.optim import Optimizer
 
 from scripts.distributed import average_across_ranks, broadcast_module, rank, world_size
-from scripts.dpa import PrototypeBank, VoxelPool, mask_to_grid
+from scripts.dpa import KMEANS, PrototypeBank, VoxelPool, mask_to_grid
 from scripts.networks import IGRegNet
 from scripts.objective import UncertaintyWeighting, segmentation_loss
 from scripts.stdgp import (
@@ -288,6 +288,7 @@ class IGReg(MTLStrategy):
             (the reference's 1/64; see `PrototypeBank.alignment_loss` for the feature grid).
         feature_distance: l2 | mse | cosine, for the feature regularizer.
         init_voxels: most voxels per super-class kept for the k-means initialisation.
+        kmeans: the prototypes' k-means, "reference" or "spherical" (see `PrototypeBank.initialize`).
         prototype_warmup: outer iterations before the prototypes' k-means, as in the reference, where the
             prototypes stay constant (all equal) until its first epoch ends and k-means then runs on the
             network trained so far; 0 runs it on the untrained network before the first iteration.
@@ -296,7 +297,8 @@ class IGReg(MTLStrategy):
     def __init__(self, network: IGRegNet, optimizer: OptimizerFactory, amp: bool = False, use_dpa: bool = True,
                  use_stdgp: bool = True, surrogate_steps: int = 2, nc_neg: int = 6, nc_pos: int = 6,
                  proto_dim: int = 64, temperature: float = 0.01, margin: float = 0.5, align_fraction: float = 1 / 64,
-                 feature_distance: str = "l2", init_voxels: int = 20000, prototype_warmup: int = 0) -> None:
+                 feature_distance: str = "l2", init_voxels: int = 20000, prototype_warmup: int = 0,
+                 kmeans: str = "reference") -> None:
         super().__init__(network, optimizer, amp)
         if feature_distance not in DISTANCES:
             raise ValueError(f"feature_distance must be one of {DISTANCES}, got {feature_distance!r}")
@@ -308,6 +310,9 @@ class IGReg(MTLStrategy):
         if prototype_warmup < 0:
             raise ValueError(f"prototype_warmup must be 0 or more iterations, got {prototype_warmup}")
         self.prototype_warmup = int(prototype_warmup)
+        if kmeans not in KMEANS:
+            raise ValueError(f"kmeans must be one of {sorted(KMEANS)}, got {kmeans!r}")
+        self.kmeans = kmeans
         terms = ["cls", "seg"] + (["margin", "heterogeneity", "align"] if use_dpa else [])
         terms += ["feature_reg"] if use_stdgp else []
         self.weighting = UncertaintyWeighting(terms).to(self.device)
@@ -355,7 +360,7 @@ class IGReg(MTLStrategy):
         net.train(was_training)
         if not pool.tumor:
             raise ValueError("prototype initialisation received no segmentation case (has_seg all False)")
-        self.dpa.initialize(pool.tumor[0], pool.background[0])
+        self.dpa.initialize(pool.tumor[0], pool.background[0], self.kmeans)
 
     def dpa_losses(self, out: TaskForward, batch: dict, layout: BatchLayout) -> dict[str, Tensor]:
         """Alignment over all decoder rows (seg rows and the random classification row); margin and
