@@ -1,7 +1,8 @@
 """MONAI transforms that bring a glioma case from NIfTI files to the tensors of one batch row.
 
-The bundle configs spell the same chains out in YAML; :func:`preprocessing` and
-:func:`augmentation` build them in Python (tests, scripts) with the same defaults.
+:func:`preprocessing_transforms` is the one definition of the deterministic chain: the bundle configs
+(training, validation, evaluation and inference) and :func:`preprocessing` all build it from there.
+:func:`augmentation` builds the training augmentation that train.yaml spells out in YAML.
 Output keys: ``image`` [2, *S] (T1C, T2W; z-scored), ``seg`` [1, *S] binary, ``has_seg`` (bool),
 ``label`` [T] int64 with -1 for a missing label, ``case_id``.
 """
@@ -9,6 +10,8 @@ from __future__ import annotations
 
 from typing import Hashable, Mapping, Sequence
 
+import nibabel as nib
+import numpy as np
 import torch
 from monai.config import KeysCollection
 from monai.data import MetaTensor
@@ -20,7 +23,7 @@ from monai.transforms import (
     EnsureChannelFirstd,
     LoadImaged,
     MapTransform,
-    NormalizeIntensityd,
+    Orientation,
     Orientationd,
     RandAffined,
     RandFlipd,
@@ -81,19 +84,78 @@ class TaskLabelsd(Transform):
         return d
 
 
-def preprocessing(pixdim: float | Sequence[float] = 1.0, spatial_size: Sequence[int] = (160, 192, 160),
-                  tasks: Sequence[str] | None = TASKS) -> Compose:
-    """Deterministic chain shared by training, validation and (``tasks=None``: no labels/mask) inference.
+class OrientLiked(MapTransform):
+    """Reorder and flip the axes of ``keys`` into the axis codes of ``key_dst`` (exact: no interpolation).
 
-    Load T1C/T2W (and the mask), channel first, binarise the mask, resample T2W and the mask onto
-    the T1C grid, stack the channels, RAS, ``pixdim`` spacing, crop to the T1C brain, pad/crop to
-    ``spatial_size``, z-score the nonzero voxels per channel.
+    Before ``ResampleToMatchd``, this makes a T2W that stores the same grid as the T1C with other axis
+    directions (RAS against LPS) match it exactly, so resampling is a no-op instead of an interpolation that
+    leaves residue (values near 1e-11) around the brain.
+    """
+
+    def __init__(self, keys: KeysCollection, key_dst: str, allow_missing_keys: bool = False):
+        super().__init__(keys, allow_missing_keys)
+        self.key_dst = key_dst
+
+    def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict:
+        d = dict(data)
+        codes = "".join(nib.aff2axcodes(np.asarray(d[self.key_dst].affine, dtype=np.float64)))
+        orient = Orientation(axcodes=codes, labels=None)
+        for key in self.key_iterator(d):
+            d[key] = orient(d[key])
+        return d
+
+
+class BrainZScored(MapTransform):
+    """Z-score every channel over the brain of one reference channel (T1C) and set the rest to exactly 0.
+
+    The brain is where ``|reference| > rel_tol * max|reference|``. Unlike ``NormalizeIntensityd(nonzero=True)``,
+    which takes each channel's own nonzero voxels, interpolation residue (values near 1e-11 that a resampled
+    T2W leaves next to the brain) cannot count as brain: the mask, and so each channel's mean and std, depend on
+    the reference channel alone, and the result is continuous in the other channels' values.
+    """
+
+    def __init__(self, keys: KeysCollection, ref_channel: int = 0, rel_tol: float = 1e-6,
+                 allow_missing_keys: bool = False):
+        super().__init__(keys, allow_missing_keys)
+        self.ref_channel, self.rel_tol = ref_channel, rel_tol
+
+    def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            img = d[key]
+            src = img.as_tensor() if isinstance(img, MetaTensor) else img
+            src = src.to(torch.float32)
+            ref = src[self.ref_channel].abs()
+            brain = ref > self.rel_tol * ref.max()
+            res = torch.zeros_like(src)
+            for c in range(src.shape[0]):
+                values = src[c][brain]
+                if values.numel():
+                    std = values.std(unbiased=False)
+                    res[c][brain] = (values - values.mean()) / (std if std > 0 else 1.0)
+            d[key] = MetaTensor(res, meta=dict(img.meta), applied_operations=list(img.applied_operations)) \
+                if isinstance(img, MetaTensor) else res
+        return d
+
+
+def preprocessing_transforms(pixdim: float | Sequence[float] = 1.0,
+                             spatial_size: Sequence[int] = (160, 192, 160)) -> list:
+    """The deterministic chain shared by training, validation, evaluation and inference (train.yaml's
+    ``preprocessing_transforms``, inference.yaml's ``preprocessing``): case {t1c, t2w[, seg]} -> image [2, *S]
+    (T1C, T2W; + seg [1, *S]).
+
+    Load, channel first, binarise the mask, give T2W and the mask the T1C's axis directions (a pure axis flip
+    or permutation is exact, so how a file stores the scan does not matter), resample them onto the T1C grid (a
+    no-op when the grids already agree), stack the channels, RAS (exact flips; kept after the stacking so that
+    inference can invert it onto the T1C file's grid), ``pixdim`` spacing, crop to the T1C brain, pad/crop to
+    ``spatial_size``, z-score each channel over the T1C brain with the background exactly 0 (:class:`BrainZScored`).
     """
     image_keys, spatial_keys = ["t1c", "t2w", "seg"], ["image", "seg"]
-    chain = [
+    return [
         LoadImaged(image_keys, image_only=True, allow_missing_keys=True),
         EnsureChannelFirstd(image_keys, allow_missing_keys=True),
         BinarizeMaskd("seg", allow_missing_keys=True),
+        OrientLiked(["t2w", "seg"], key_dst="t1c", allow_missing_keys=True),
         ResampleToMatchd(["t2w", "seg"], key_dst="t1c", mode=["bilinear", "nearest"], padding_mode="zeros",
                          allow_missing_keys=True),
         ConcatItemsd(["t1c", "t2w"], name="image"),
@@ -103,8 +165,15 @@ def preprocessing(pixdim: float | Sequence[float] = 1.0, spatial_size: Sequence[
         CropForegroundd(spatial_keys, source_key="image", channel_indices=0, start_coord_key=None,
                         end_coord_key=None, allow_missing_keys=True),
         ResizeWithPadOrCropd(spatial_keys, spatial_size=spatial_size, allow_missing_keys=True),
-        NormalizeIntensityd("image", nonzero=True, channel_wise=True),
+        BrainZScored("image", ref_channel=0),
     ]
+
+
+def preprocessing(pixdim: float | Sequence[float] = 1.0, spatial_size: Sequence[int] = (160, 192, 160),
+                  tasks: Sequence[str] | None = TASKS) -> Compose:
+    """:func:`preprocessing_transforms` with the training targets (mask, labels), or (``tasks=None``) without
+    them, for inference."""
+    chain = preprocessing_transforms(pixdim, spatial_size)
     if tasks is None:
         return Compose([*chain, SelectItemsd(["image", "case_id"], allow_missing_keys=True)])
     return Compose([*chain, EnsureMaskd(), TaskLabelsd(tasks),
