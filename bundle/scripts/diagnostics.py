@@ -139,7 +139,8 @@ class GradientConflictLogger:
         grads, before = self.pending
         self.pending = None
         names = [*self.strategy.network.tasks, "seg"]
-        row = {**conflict_stats(grads, names).row(), **sign_agreement(grads, trunk_vector(self.strategy) - before, names)}
+        update = trunk_vector(self.strategy) - before
+        row = {**conflict_stats(grads, names).row(), **sign_agreement(grads, update, names)}
         if rank() != 0:
             return
         self.output_dir.mkdir(parents=True, exist_ok=True)
