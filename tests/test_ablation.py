@@ -27,7 +27,7 @@ TINY = {  # a 32^3 world at 8 mm with the narrowest network
 @pytest.fixture(scope="module")
 def cohort(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("cohort")
-    generate_cohort(root, seed=0, n_train_cls=12, n_train_seg=4, n_val=4, n_test=4, spacing=8.0)
+    generate_cohort(root, seed=0, n_train_cls=12, n_train_seg=4, n_val=4, n_test=3, spacing=8.0)
     return root
 
 
@@ -85,6 +85,8 @@ def test_ablation_trains_tests_tables_and_skips_finished_runs(cohort, tmp_path, 
     assert all(0 <= result[f"sign_agree_{t}"] <= 1 for t in ("1p19q", "idh", "grade", "seg"))
     report = json.loads((out / "pcgrad" / "seed_0" / "test" / "metrics.json").read_text())
     assert result["test"]["mean_macro_f1"] == pytest.approx(report["mean_macro_f1"])  # the testing split's report
+    splits = json.loads((cohort / "datalist.json").read_text())
+    assert report["dice_cases"] == sum("seg" in c for c in splits["testing"]) != len(splits["validation"])
     assert {"1p19q_macro_f1", "grade_roc_auc", "dice"} <= set(result["test"])
 
     legacy = out / "equal" / "seed_1" / "result.json"           # trained before, not yet tested
