@@ -142,7 +142,7 @@ def _run_means(rows: Sequence[dict[str, float]], names: Sequence[str]) -> dict[s
     return means
 
 
-def test_scores(strategy: str, seed: int, run_dir: Path, config_file: Sequence[str], overrides: dict) -> dict:
+def evaluate_on_test(strategy: str, seed: int, run_dir: Path, config_file: Sequence[str], overrides: dict) -> dict:
     """Scores on the testing split of the run's checkpoint selected on validation (`models/model.pt`),
     evaluated through the bundle's evaluation config (report in `run_dir/test/`)."""
     wf = ConfigWorkflow(config_file=list(config_file), workflow_type="eval", run_id="evaluating",
@@ -170,7 +170,7 @@ def train_one(strategy: str, seed: int, run_dir: Path, config_file: Sequence[str
         return result
     if result is None:
         result = _train(strategy, seed, run_dir, config_file, overrides)
-    result["test"] = test_scores(strategy, seed, run_dir, eval_configs(config_file), overrides)
+    result["test"] = evaluate_on_test(strategy, seed, run_dir, eval_configs(config_file), overrides)
     result_path.write_text(json.dumps(result, indent=1) + "\n")  # once tested: a finished run
     return result
 
