@@ -1,7 +1,9 @@
-"""Every strategy trains through the bundle's configs, and the ablation script writes its table and plot."""
+"""Every strategy trains through the bundle's configs, and the ablation script trains and tests paired
+seeds, compares each strategy with equal, and writes its table and plot."""
 
 import csv
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -10,6 +12,7 @@ from conftest import BUNDLE
 from monai.bundle import ConfigWorkflow
 
 from scripts.ablation import main as ablation
+from scripts.ablation import paired_difference, summarize
 from scripts.data import generate_cohort
 from scripts.strategies import STRATEGIES
 
@@ -24,7 +27,7 @@ TINY = {  # a 32^3 world at 8 mm with the narrowest network
 @pytest.fixture(scope="module")
 def cohort(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("cohort")
-    generate_cohort(root, seed=0, n_train_cls=12, n_train_seg=4, n_val=4, n_test=1, spacing=8.0)
+    generate_cohort(root, seed=0, n_train_cls=12, n_train_seg=4, n_val=4, n_test=3, spacing=8.0)
     return root
 
 
@@ -45,22 +48,67 @@ def test_every_strategy_trains_two_iterations_through_the_configs(name, cohort, 
     assert [r["iteration"] for r in rows] == ["2"]
 
 
-def test_ablation_writes_table_and_plot_and_skips_finished_runs(cohort, tmp_path, capsys):
+def test_paired_difference_is_a_seeded_percentile_bootstrap():
+    assert paired_difference([0.2, 0.2, 0.2]) == pytest.approx((0.2, 0.2, 0.2))
+    mean, low, high = paired_difference([0.0, 1.0, 0.5, 0.1])
+    assert mean == pytest.approx(0.4) and 0.0 <= low < mean < high <= 1.0
+    assert paired_difference([0.0, 1.0, 0.5, 0.1]) == (mean, low, high)          # fixed seed
+    assert all(math.isnan(v) for v in paired_difference([]))
+
+
+def test_summary_pairs_seeds_with_equal():
+    def run(strategy, seed, f1):
+        return {"strategy": strategy, "seed": seed, "tasks": ["idh"], "test": {"mean_macro_f1": f1, "dice": 0.5},
+                "conflict_fraction": 0.25, "s_per_it": 1.0}
+
+    results = [run("equal", 0, 0.5), run("equal", 1, 0.7), run("igreg", 0, 0.6), run("igreg", 1, 0.9),
+               run("igreg", 2, 0.1)]                                            # seed 2 has no equal run
+    equal, igreg = summarize(results)
+    assert equal["pairs"] == 0 and math.isnan(equal["delta_f1_mean"])
+    assert igreg["seeds"] == 3 and igreg["pairs"] == 2 and igreg["delta_f1_mean"] == pytest.approx(0.15)
+    assert igreg["mean_macro_f1_mean"] == pytest.approx(1.6 / 3) and igreg["dice_std"] == 0
+    assert (igreg["delta_f1_ci_low"], igreg["delta_f1_ci_high"]) == pytest.approx((0.1, 0.2))
+
+
+def test_ablation_trains_tests_tables_and_skips_finished_runs(cohort, tmp_path, capsys):
     out = tmp_path / "ablation"
-    options = dict(strategies="equal,pcgrad", seeds=0, epochs=2, iters_per_epoch=1, output=str(out), diagnose_every=1,
-                   dataset_dir=str(cohort), **TINY)
-    ablation(**options)
-    result = json.loads((out / "pcgrad" / "seed_0" / "result.json").read_text())
+    options = dict(strategies="equal,pcgrad", seeds="0,1", epochs=2, iters_per_epoch=1, output=str(out),
+                   diagnose_every=1, dataset_dir=str(cohort), threads=1, table=False, **TINY)
+    ablation(**{**options, "seeds": 0})                       # one process per seed, no table
+    ablation(**{**options, "seeds": 1})
+    assert not (out / "ablation.csv").exists()
+    results = {(s, seed): json.loads((out / s / f"seed_{seed}" / "result.json").read_text())
+               for s in ("equal", "pcgrad") for seed in (0, 1)}
+    result = results[("pcgrad", 0)]
     assert result["iterations"] == 2 and [x for x, _ in result["curve"]] == [1, 2]
     assert 0 <= result["conflict_fraction"] <= 1 and result["s_per_it"] > 0
+    assert all(0 <= result[f"sign_agree_{t}"] <= 1 for t in ("1p19q", "idh", "grade", "seg"))
+    report = json.loads((out / "pcgrad" / "seed_0" / "test" / "metrics.json").read_text())
+    assert result["test"]["mean_macro_f1"] == pytest.approx(report["mean_macro_f1"])  # the testing split's report
+    splits = json.loads((cohort / "datalist.json").read_text())
+    assert report["dice_cases"] == sum("seg" in c for c in splits["testing"]) != len(splits["validation"])
+    assert {"1p19q_macro_f1", "grade_roc_auc", "dice"} <= set(result["test"])
+
+    legacy = out / "equal" / "seed_1" / "result.json"           # trained before, not yet tested
+    legacy.write_text(json.dumps({k: v for k, v in results[("equal", 1)].items() if k != "test"}))
+    state = out / "equal" / "seed_1" / "models" / "training_state.pt"
+    stamp, finished = state.stat().st_mtime_ns, (out / "pcgrad" / "seed_0" / "result.json").stat().st_mtime_ns
+    ablation(**{**options, "strategies": "equal,pcgrad,cagrad", "train": "false", "table": True})
+    assert state.stat().st_mtime_ns == stamp and "test" in json.loads(legacy.read_text())   # tested, not retrained
+    assert (out / "pcgrad" / "seed_0" / "result.json").stat().st_mtime_ns == finished     # read back
+    assert not (out / "cagrad").exists() and "cagrad, seed 0: not trained, left out" in capsys.readouterr().out
+
     rows = list(csv.DictReader(open(out / "ablation.csv")))
-    assert [r["strategy"] for r in rows] == ["equal", "pcgrad"] and rows[0]["seeds"] == "1"
-    assert {"1p19q_macro_f1_mean", "grade_roc_auc_std", "dice_mean", "conflict_fraction_mean", "s_per_it_mean"} <= set(
-        rows[0])
+    assert [r["strategy"] for r in rows] == ["equal", "pcgrad"] and rows[0]["seeds"] == "2"
+    assert {"1p19q_macro_f1_mean", "grade_roc_auc_std", "dice_mean", "conflict_fraction_mean", "s_per_it_mean",
+            "sign_agree_seg_mean", "delta_f1_ci_low"} <= set(rows[0])
+    diffs = [results[("pcgrad", s)]["test"]["mean_macro_f1"] - results[("equal", s)]["test"]["mean_macro_f1"]
+             for s in (0, 1)]
+    assert rows[0]["pairs"] == "0" and rows[1]["pairs"] == "2"
+    assert float(rows[1]["delta_f1_mean"]) == pytest.approx(sum(diffs) / 2)
+    assert float(rows[1]["mean_macro_f1_mean"]) == pytest.approx(
+        sum(results[("pcgrad", s)]["test"]["mean_macro_f1"] for s in (0, 1)) / 2)
     table = (out / "ablation.md").read_text().splitlines()
     assert table[0].startswith("| strategy | seeds | 1p19q F1 | 1p19q AUC") and len(table) == 4
+    assert "Δ mean F1 vs equal" in table[0] and "(n=2)" in table[3] and "(n=" not in table[2]
     assert (out / "ablation_f1.png").read_bytes()[:4] == b"\x89PNG"
-    stamp = (out / "equal" / "seed_0" / "result.json").stat().st_mtime_ns
-    ablation(**{**options, "strategies": "equal"})               # finished: read back, not trained again
-    assert (out / "equal" / "seed_0" / "result.json").stat().st_mtime_ns == stamp
-    assert "[ablation 1/1] equal, seed 0" in capsys.readouterr().out

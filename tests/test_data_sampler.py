@@ -82,7 +82,7 @@ def test_task_ratios_set_each_task_pool_and_keep_class_shares():
 
 def test_ranks_draw_from_disjoint_shards():
     cases = _cohort()
-    shards = [TaskBalancedBatchSampler(cases, TASKS, iters_per_epoch=30, rank=r, world_size=2) for r in (0, 1)]
+    shards = [TaskBalancedBatchSampler(cases, TASKS, iters_per_epoch=30, rank=r, world_size=2, parts=2) for r in (0, 1)]
     seen = [{(i, role) for batch in s for i, role, _, _ in batch} for s in shards]
     assert seen[0] and seen[1] and not seen[0] & seen[1]
     with pytest.raises(ValueError, match="1p19q=1"):
@@ -91,17 +91,23 @@ def test_ranks_draw_from_disjoint_shards():
 
 def test_surrogate_parts_take_their_own_balanced_batches():
     cases = _cohort()
-    single = TaskBalancedBatchSampler(cases, TASKS, iters_per_epoch=6, seed=2)
+    single = TaskBalancedBatchSampler(cases, TASKS, iters_per_epoch=2, seed=2)
     parted = TaskBalancedBatchSampler(cases, TASKS, iters_per_epoch=2, seed=2, parts=3)
     steps = list(parted)
+    parted.set_epoch(1, 1)
+    assert list(parted) == [TaskBalancedBatchSampler(cases, TASKS, iters_per_epoch=2, seed=2, parts=3).batch(1, 1)]
     assert [d[3] for d in steps[0]] == [0] * 7 + [1] * 7 + [2] * 7
     for step in steps:
         for part in range(3):
             rows = [d for d in step if d[3] == part]
             assert [role for _, role, _, _ in rows] == ["1p19q"] * 2 + ["idh"] * 2 + ["grade"] * 2 + ["seg"]
             assert [cases[i][role] for i, role, _, _ in rows[:6]] == [0, 1] * 3
-    # the parts walk the same streams as consecutive single batches: no case is drawn twice in a row
-    assert [i for step in steps for i, _, _, _ in step] == [i for batch in single for i, _, _, _ in batch]
+    # paired data order: part 0 is the batch that parts=1 gives (cases and augmentation seeds)
+    assert [[d[:3] for d in step if d[3] == 0] for step in steps] == [[d[:3] for d in b] for b in single][:2]
+    for step in steps:                                         # the surrogate parts draw their own cases and seeds
+        cases_of = [[d[0] for d in step if d[3] == p] for p in range(3)]
+        assert cases_of[0] != cases_of[1] and cases_of[0] != cases_of[2] and cases_of[1] != cases_of[2]
+        assert len({d[2] for d in step}) == len(step)
     with pytest.raises(ValueError, match="parts"):
         TaskBalancedBatchSampler(cases, TASKS, parts=0)
     batch = next(iter(TaskBalancedLoader(FakeDataset(cases), TASKS, None, iters_per_epoch=2, seed=2,

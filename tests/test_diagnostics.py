@@ -1,4 +1,5 @@
-"""Gradient-conflict diagnostics: the statistics, the measurement on a strategy, and the trainer handler."""
+"""Gradient-conflict diagnostics: the statistics, the sign agreement of the applied update, the
+measurement on a strategy, and the trainer handler."""
 
 import csv
 import functools
@@ -10,7 +11,7 @@ import torch
 from conftest import TINY_NET
 from test_gradient_strategies import TASKS, batch
 
-from scripts.diagnostics import GradientConflictLogger, conflict_stats, measure_conflicts
+from scripts.diagnostics import GradientConflictLogger, conflict_stats, measure_conflicts, sign_agreement
 from scripts.engine import IGRegTrainer
 from scripts.networks import IGRegNet
 from scripts.strategies import build_strategy
@@ -48,6 +49,34 @@ def test_conflict_stats_by_hand():
     assert row["cos_b_c"] == pytest.approx(-1 / math.sqrt(2)) and "cos_c_b" not in row
 
 
+def test_sign_agreement_by_hand():
+    grads = torch.tensor([[1.0, -2.0, 0.0, 3.0], [-1.0, -1.0, 5.0, 0.0], [0.0, 0.0, 0.0, 1.0]])
+    update = torch.tensor([-0.1, 0.5, 0.2, 0.0])               # descent of task a; the last coordinate did not move
+    agree = sign_agreement(grads, update, ["a", "b", "c"])
+    assert agree["sign_agree_a"] == 1.0                        # coordinates 0 and 1 (2: a's gradient is zero)
+    assert agree["sign_agree_b"] == pytest.approx(1 / 3)       # of 0, 1, 2 only 1 agrees
+    assert math.isnan(agree["sign_agree_c"])                   # no coordinate where both are non-zero
+
+
+def test_sign_agreement_of_a_plain_sgd_step_follows_the_only_descent(tmp_path):
+    """Total loss = idh - 0.5 idh (the seg loss set to -0.5 idh): SGD moves along -grad(idh), against seg."""
+    s = strategy(tasks=("idh",))
+    original = s.forward_tasks
+
+    def forward(*args, **kwargs):
+        out = original(*args, **kwargs)
+        out.seg_loss = -0.5 * out.task_losses[0]
+        return out
+
+    s.forward_tasks = forward
+    data = batch()
+    data["label"] = data["label"][:, 1:2]
+    IGRegTrainer("cpu", max_epochs=1, train_data_loader=[data], strategy=s, epoch_length=1,
+                 train_handlers=[GradientConflictLogger(s, 1, str(tmp_path))]).run()
+    row = next(csv.DictReader(open(tmp_path / "gradient_conflicts.csv")))
+    assert float(row["sign_agree_idh"]) == 1.0 and float(row["sign_agree_seg"]) == 0.0
+
+
 @pytest.mark.parametrize("sign, fraction", [(-1.0, 1.0), (1.0, 0.0)])
 def test_opposed_losses_conflict_and_identical_ones_do_not(sign, fraction):
     s = with_seg_loss(strategy(tasks=("idh",)), sign)
@@ -78,7 +107,9 @@ def test_logger_writes_csv_and_tensorboard_and_leaves_training_unchanged(tmp_pat
     assert torch.equal(rng_logged[0], rng_plain[0]) and rng_logged[1] == rng_plain[1]
     rows = list(csv.DictReader(open(tmp_path / "on" / "gradient_conflicts.csv")))
     assert [int(r["iteration"]) for r in rows] == [2, 4]
-    assert {"conflict_fraction", "norm_1p19q", "norm_seg", "cos_1p19q_idh", "cos_grade_seg"} <= set(rows[0])
+    assert {"conflict_fraction", "norm_1p19q", "norm_seg", "cos_1p19q_idh", "cos_grade_seg", "sign_agree_1p19q",
+            "sign_agree_seg"} <= set(rows[0])
+    assert all(0 <= float(r[f"sign_agree_{t}"]) <= 1 for r in rows for t in ("1p19q", "idh", "grade", "seg"))
     assert all(0 <= float(r["conflict_fraction"]) <= 1 and float(r["norm_seg"]) > 0 for r in rows)
     assert list((tmp_path / "on").glob("events.out.tfevents.*"))
     assert not (tmp_path / "off").exists()

@@ -1,5 +1,6 @@
 """Gradient-conflict diagnostics: how the tasks' gradients on the shared trunk (encoder and neck)
-agree, measured on a training batch without changing the training.
+agree, measured on a training batch without changing the training, and which task's descent
+direction the applied update follows (sign agreement: Lion moves every coordinate by a sign).
 
 The measurement runs the network in training mode (as the step does) and takes one gradient per
 task with `torch.autograd.grad`: parameter `.grad`s, optimizer states and random number generators
@@ -58,11 +59,29 @@ def conflict_stats(grads: Tensor, names: List[str]) -> GradientConflicts:
     return GradientConflicts(list(names), cos.float().cpu(), norms.float().cpu(), fraction)
 
 
-def measure_conflicts(strategy: MTLStrategy, batch: dict) -> GradientConflicts:
-    """Gradient conflicts of the strategy's tasks (classification tasks, then "seg") on the shared
-    trunk for one training batch; the strategy's state is left as it was. Under torch.distributed
-    every rank calls it with its own batch, and the task gradients are averaged over the ranks
-    first, so that all ranks report the conflicts of the global batch."""
+def sign_agreement(grads: Tensor, update: Tensor, names: List[str]) -> dict[str, float]:
+    """Per task, ``sign_agree_<task>``: the share of coordinates where the sign of the applied
+    ``update`` [P] equals the sign of the task's descent direction (minus its gradient, ``grads``
+    [T, P]), over the coordinates where both are non-zero (NaN when there are none)."""
+    update = update.detach().double()
+    out = {}
+    for name, g in zip(names, grads.detach().double()):
+        both = (update != 0) & (g != 0)
+        agree = (torch.sign(update[both]) == -torch.sign(g[both])).double()
+        out[f"sign_agree_{name}"] = float(agree.mean()) if agree.numel() else float("nan")
+    return out
+
+
+def trunk_vector(strategy: MTLStrategy) -> Tensor:
+    """The shared trunk's parameters as one flat float32 copy."""
+    shared = shared_parameters(strategy.network)
+    return flatten([p.detach() for p in shared], shared).clone()
+
+
+def measure_task_gradients(strategy: MTLStrategy, batch: dict) -> Tensor:
+    """The task gradients [T, P] (classification tasks, then "seg") on the shared trunk for one
+    training batch; the strategy's state is left as it was. Under torch.distributed every rank calls
+    it with its own batch, and the gradients are averaged over the ranks (those of the global batch)."""
     net = strategy.network
     buffers = {k: v.clone() for k, v in net.named_buffers()}
     was_training = net.training
@@ -77,30 +96,51 @@ def measure_conflicts(strategy: MTLStrategy, batch: dict) -> GradientConflicts:
             for k, v in net.named_buffers():
                 v.copy_(buffers[k])
     average_across_ranks([grads])
-    return conflict_stats(grads, [*net.tasks, "seg"])
+    return grads
+
+
+def measure_conflicts(strategy: MTLStrategy, batch: dict) -> GradientConflicts:
+    """Gradient conflicts of the strategy's tasks on the shared trunk for one training batch (see
+    :func:`measure_task_gradients`)."""
+    return conflict_stats(measure_task_gradients(strategy, batch), [*strategy.network.tasks, "seg"])
 
 
 class GradientConflictLogger:
-    """Every `every` training iterations (0: never), measure the gradient conflicts on the main batch
-    that iteration trained on (part 0, without IGReg's surrogate batches) and write them to
-    TensorBoard (`output_dir`, tags `gradients/...`) and to `output_dir/gradient_conflicts.csv` (one
-    row per measurement). Every rank measures (the gradients are averaged over the ranks), rank 0
-    writes."""
+    """Every `every` training iterations (0: never), measure the task gradients on the main batch of
+    that iteration (part 0, without IGReg's surrogate batches) with the weights the step starts from
+    (at ITERATION_STARTED: the batch is fetched, the step not yet taken), and once the step is done
+    (ITERATION_COMPLETED) write their conflicts and each task's sign agreement with the applied
+    update of the trunk to TensorBoard (`output_dir`, tags `gradients/...`) and to
+    `output_dir/gradient_conflicts.csv` (one row per measurement). Every rank measures (the
+    gradients are averaged over the ranks), rank 0 writes."""
 
     def __init__(self, strategy: MTLStrategy, every: int, output_dir: str,
                  filename: str = "gradient_conflicts.csv") -> None:
         self.strategy, self.every = strategy, int(every)
         self.output_dir, self.path = Path(output_dir), Path(output_dir) / filename
         self.writer: SummaryWriter | None = None
+        self.pending: tuple[Tensor, Tensor] | None = None
 
     def attach(self, engine: Engine) -> None:
         if self.every > 0:
+            engine.add_event_handler(Events.ITERATION_STARTED(every=self.every), self.before_step)
             engine.add_event_handler(Events.ITERATION_COMPLETED(every=self.every), self)
             engine.add_event_handler(Events.COMPLETED, self.close)
 
-    def __call__(self, engine: Engine) -> None:
+    def before_step(self, engine: Engine) -> None:
+        """Task gradients and a copy of the trunk, on the step's batch and weights."""
         image, targets = prepare_batch(engine.state.batch, engine.state.device, engine.non_blocking)
-        row = measure_conflicts(self.strategy, main_part({"image": image, **targets})).row()
+        grads = measure_task_gradients(self.strategy, main_part({"image": image, **targets}))
+        self.pending = (grads, trunk_vector(self.strategy))
+
+    def __call__(self, engine: Engine) -> None:
+        if self.pending is None:
+            return
+        grads, before = self.pending
+        self.pending = None
+        names = [*self.strategy.network.tasks, "seg"]
+        update = trunk_vector(self.strategy) - before
+        row = {**conflict_stats(grads, names).row(), **sign_agreement(grads, update, names)}
         if rank() != 0:
             return
         self.output_dir.mkdir(parents=True, exist_ok=True)

@@ -3,9 +3,15 @@ stream of segmentation cases; a batch takes ``k`` of each class per task, in tas
 segmentation rows. A training step may take several such batches at once (``parts``: the main
 step's batch, then one per STDGP surrogate step), stacked as one batch whose rows carry their part.
 
-Every draw is a pure function of ``(seed, epoch, iteration)``: the stream position of a draw is
-``((epoch * iters_per_epoch + iteration) * parts + part) * k + j``, and each pass over a stream is a
-fresh seeded permutation. So the sampler restarts anywhere from ``set_epoch(epoch, iteration)``.
+Every draw is a pure function of ``(seed, epoch, iteration)``: the position of a draw in its stream
+is ``(epoch * iters_per_epoch + iteration) * k + j``, and each pass over a stream is a fresh seeded
+permutation. So the sampler restarts anywhere from ``set_epoch(epoch, iteration)``.
+
+Paired data order: part 0 (the main batch) walks the streams seeded by ``(seed, stream)`` and its
+augmentation seeds come from ``(seed, rank, step)`` alone, so a strategy with surrogate parts sees
+the same main batches, with the same augmentations, as one without (``parts=1``) under the same
+seed. Surrogate part ``p >= 1`` walks its own streams over the same cases, seeded by
+``(seed, stream, p)``, with its own augmentation seeds ``(seed, rank, step, p)``.
 """
 from __future__ import annotations
 
@@ -104,11 +110,19 @@ class TaskBalancedBatchSampler:
     def __len__(self) -> int:
         return self.iters_per_epoch - self.start
 
-    def draw(self, stream: str, position: int) -> int:
-        """The case index at ``position`` of an endless stream."""
+    def draw(self, stream: str, position: int, part: int = 0) -> int:
+        """The case index at ``position`` of an endless stream, in the order of ``part`` (0: the main
+        batch; each surrogate part has its own order)."""
         members = self.streams[stream]
         cycle, offset = divmod(position, len(members))
-        return int(members[_rng(self.seed, self._stream_ids[stream], cycle).permutation(len(members))[offset]])
+        words = (self.seed, self._stream_ids[stream], cycle) if part == 0 else (
+            self.seed, self._stream_ids[stream], cycle, len(self.streams) + part)
+        return int(members[_rng(*words).permutation(len(members))[offset]])
+
+    def _augmentation_seeds(self, step: int, part: int, n: int) -> list[int]:
+        """``n`` augmentation seeds of one part of a step (part 0's do not depend on ``parts``)."""
+        words = (self.seed, self.rank, step, len(self.streams)) + ((part,) if part else ())
+        return [int(s) for s in _rng(*words).integers(0, 2**31 - 1, n)]
 
     def batch(self, epoch: int, iteration: int) -> list[Draw]:
         """The draws of step ``iteration`` of ``epoch``, part by part."""
@@ -116,13 +130,12 @@ class TaskBalancedBatchSampler:
         plan = [(f"{task}={c}", task, self.k) for task in self.tasks for c in (0, 1)]
         if self.seg_samples:
             plan.append((SEG_ROLE, SEG_ROLE, self.seg_samples))
-        rows: list[tuple[int, str, int]] = []
+        draws: list[Draw] = []
         for part in range(self.parts):
-            position = step * self.parts + part
-            for stream, role, n in plan:
-                rows += [(self.draw(stream, position * n + j), role, part) for j in range(n)]
-        aug = _rng(self.seed, self.rank, step, len(self.streams)).integers(0, 2**31 - 1, len(rows))
-        return [(i, role, int(s), part) for (i, role, part), s in zip(rows, aug)]
+            rows = [(self.draw(stream, step * n + j, part), role) for stream, role, n in plan for j in range(n)]
+            aug = self._augmentation_seeds(step, part, len(rows))
+            draws += [(i, role, s, part) for (i, role), s in zip(rows, aug)]
+        return draws
 
     def __iter__(self) -> Iterator[list[Draw]]:
         epoch, start = self.epoch, self.start
