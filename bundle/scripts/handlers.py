@@ -223,3 +223,13 @@ class EvaluationReport:
         plot_roc_curves(details["probs"], details["labels"], self.tasks, self.output_dir / "roc_curves.png")
         plot_confusion_matrices(report["tasks"], self.output_dir / "confusion_matrices.png")
         logger.info(f"evaluation report written to {self.output_dir}")
+        logger.info(score_summary(report))
+
+
+def score_summary(report: dict) -> str:
+    """One line of an evaluation report: mean and per-task macro-F1 and ROC AUC, and Dice."""
+    tasks = report["tasks"]
+    f1 = ", ".join(f"{t} {r['macro_f1']:.3f}" for t, r in tasks.items())
+    auc = ", ".join(f"{t} {r['roc_auc']:.3f}" for t, r in tasks.items())
+    return (f"mean macro-F1 {report['mean_macro_f1']:.3f} ({f1}); ROC AUC {auc}; "
+            f"Dice {report['dice']:.3f} over {report['dice_cases']} cases")
