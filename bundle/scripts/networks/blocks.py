@@ -49,15 +49,17 @@ def resize_to(x: Tensor, ref: Tensor) -> Tensor:
 
 
 class WeightedSum(nn.Module):
-    """Fast normalised fusion: sum_i w_i x_i with w = relu(a) / (sum relu(a) + eps), `a` learnable."""
+    """Fast normalised fusion: sum_i w_i x_i with w = prelu(a) / (sum prelu(a) + eps), `a` learnable
+    (the reference rectifies the weights with a PReLU of learnable slope, not a ReLU)."""
 
     def __init__(self, n_inputs: int, eps: float = 1e-4) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.ones(n_inputs))
+        self.act = nn.PReLU()
         self.eps = eps
 
     def forward(self, xs: List[Tensor]) -> Tensor:
-        w = F.relu(self.weight)
+        w = self.act(self.weight)
         w = w / (w.sum() + self.eps)
         out = xs[0] * w[0]
         for i in range(1, len(xs)):
