@@ -120,8 +120,10 @@ def _is_unused(key: str) -> bool:
     return m is not None and m.group(1) != m.group(2)
 
 
-def rename(reference_state: Mapping[str, Tensor], rows: List[Tuple[str, Tuple[str, ...]]]) -> Tuple[Dict[str, Tensor],
-                                                                                                     List[str]]:
+Rows = List[Tuple[str, Tuple[str, ...]]]
+
+
+def rename(reference_state: Mapping[str, Tensor], rows: Rows) -> Tuple[Dict[str, Tensor], List[str]]:
     """(renamed state, reference keys that no row matched); unused reference layers are dropped."""
     table = dict(rows)
     out: Dict[str, Tensor] = {}
@@ -168,8 +170,8 @@ def load_reference_surrogate_weights(surrogate: nn.Module, reference_state_dict:
     _load(surrogate, reference_state_dict, neck_classifier_map(len(surrogate.classifier.heads)))
 
 
-def backbone_state_from_checkpoint(state: Mapping[str, Tensor], prefix: str = "IGReg_DPA.BranchMain.") -> Dict[str,
-                                                                                                           Tensor]:
+def backbone_state_from_checkpoint(state: Mapping[str, Tensor],
+                                   prefix: str = "IGReg_DPA.BranchMain.") -> Dict[str, Tensor]:
     """The `Backbone` part of a state dict of the reference's whole `IGReg` model (e.g. an authors'
     checkpoint: `torch.load(path, weights_only=False).state_dict()`)."""
     return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
