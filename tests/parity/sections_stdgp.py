@@ -1,0 +1,2 @@
+"""Fixture sections for STDGP and the objective: projection, uncertainty weighting, feature
+distances, the regularizer gate and one surrogate step."""
