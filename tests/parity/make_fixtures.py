@@ -21,10 +21,9 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parents[1] / "bundle"))
 
-import torch  # noqa: E402
-
 import reference  # noqa: E402
 import registry  # noqa: E402
+import torch  # noqa: E402
 
 SECTION_MODULES = ["sections_network", "sections_stdgp"]
 

@@ -6,7 +6,6 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import torch
-
 from registry import save, section
 from seeded import pack_names_and_shapes, seeded_input, seeded_state
 
