@@ -1,7 +1,8 @@
 """Building blocks of the MA-MTLN-style multi-scale head: BiVA, ASA, attention gates and fusions.
 
-All blocks use GroupNorm (two channels a group), so every sample is processed independently of
-the others in its batch; the IGReg surrogates rely on that to run each task's rows on their own.
+All blocks use GroupNorm (per sample, a few channels a group), so every sample is processed
+independently of the others in its batch; the IGReg surrogates rely on that to run each task's rows
+on their own.
 """
 
 from __future__ import annotations
@@ -13,17 +14,30 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 
-def group_norm(channels: int) -> nn.GroupNorm:
-    return nn.GroupNorm(max(1, channels // 2), channels)
+def group_norm(channels: int, groups: int | None = None) -> nn.GroupNorm:
+    """GroupNorm with `groups` groups, or two channels a group when `groups` is None or does not divide."""
+    if groups is None or channels % groups:
+        groups = max(1, channels // 2)
+    return nn.GroupNorm(groups, channels)
+
+
+# the reference's strided down-sampling and scale-weight embeddings normalise with 8 groups and no conv bias
+DOWN_GROUPS = 8
 
 
 class ConvNormAct(nn.Sequential):
-    """Conv3d (same padding) -> GroupNorm -> PReLU."""
+    """Conv3d (same padding, with bias unless `bias` is False) -> GroupNorm -> PReLU.
 
-    def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 3, stride: int = 1) -> None:
+    The bias matters: with a few channels a group, GroupNorm does not cancel a per-channel bias.
+    `down` selects the reference's other variant (no bias, `DOWN_GROUPS` groups), used by its
+    strided down-sampling convolutions and the ASA scale-weight embeddings.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 3, stride: int = 1,
+                 down: bool = False) -> None:
         super().__init__(nn.Conv3d(in_channels, out_channels, kernel_size, stride=stride,
-                                   padding=kernel_size // 2, bias=False),
-                         group_norm(out_channels), nn.PReLU())
+                                   padding=kernel_size // 2, bias=not down),
+                         group_norm(out_channels, DOWN_GROUPS if down else None), nn.PReLU())
 
 
 def resize_to(x: Tensor, ref: Tensor) -> Tensor:
@@ -35,15 +49,17 @@ def resize_to(x: Tensor, ref: Tensor) -> Tensor:
 
 
 class WeightedSum(nn.Module):
-    """Fast normalised fusion: sum_i w_i x_i with w = relu(a) / (sum relu(a) + eps), `a` learnable."""
+    """Fast normalised fusion: sum_i w_i x_i with w = prelu(a) / (sum prelu(a) + eps), `a` learnable
+    (the reference rectifies the weights with a PReLU of learnable slope, not a ReLU)."""
 
     def __init__(self, n_inputs: int, eps: float = 1e-4) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.ones(n_inputs))
+        self.act = nn.PReLU()
         self.eps = eps
 
     def forward(self, xs: List[Tensor]) -> Tensor:
-        w = F.relu(self.weight)
+        w = self.act(self.weight)
         w = w / (w.sum() + self.eps)
         out = xs[0] * w[0]
         for i in range(1, len(xs)):
@@ -96,7 +112,7 @@ class BiVA(nn.Module):
         super().__init__()
         self.reduce = nn.ModuleList([ConvNormAct(w, channels, 1) for w in in_widths])
         self.attend = nn.ModuleList([VisualAttentionBlock(channels, n) for n in (4, 3, 2, 2)])
-        self.down = nn.ModuleList([ConvNormAct(channels, channels, 1, stride=2) for _ in range(2)])
+        self.down = nn.ModuleList([ConvNormAct(channels, channels, 1, stride=2, down=True) for _ in range(2)])
         self.mix_down = nn.ModuleList([WeightedSum(2) for _ in range(3)])     # levels 3, 2, 1
         self.mix_up = nn.ModuleList([WeightedSum(2)] + [WeightedSum(3) for _ in range(3)])  # levels 1..4
 
@@ -137,11 +153,11 @@ class AdaptiveScaleAttention(nn.Module):
     def __init__(self, channels: int, n_down: int, compress: int = 16) -> None:
         super().__init__()
         self.n_down = n_down
-        self.down = ConvNormAct(channels, channels, 3, stride=2)
+        self.down = ConvNormAct(channels, channels, 3, stride=2, down=True)
         self.attention = nn.Sequential(ConvNormAct(channels, channels, 1), ConvNormAct(channels, channels, 3),
                                        nn.Conv3d(channels, channels, 3, padding=1), nn.Sigmoid())
-        self.embed_level = ConvNormAct(channels, compress, 1)
-        self.embed_fused = ConvNormAct(channels, compress, 1)
+        self.embed_level = ConvNormAct(channels, compress, 1, down=True)
+        self.embed_fused = ConvNormAct(channels, compress, 1, down=True)
         self.scale_logits = nn.Conv3d(2 * compress, 2, 1)
         self.refine = MultiConvFusion(channels, 2)
 

@@ -25,6 +25,8 @@ class SEResNeXtBottleneck3d(nn.Module):
     """1x1x1 reduce -> grouped 3x3x3 (stride / dilation) -> 1x1x1 expand -> SE, plus a shortcut.
 
     The inner width is half of `out_channels` (expansion 2) and must be divisible by `cardinality`.
+    As in the reference, one PReLU (one learnable slope) serves the block's three activations; it
+    appears in the state dict under all three names (body.2, body.5, act).
     """
 
     def __init__(self, in_channels: int, out_channels: int, cardinality: int, stride: int = 1,
@@ -33,11 +35,12 @@ class SEResNeXtBottleneck3d(nn.Module):
         mid = out_channels // 2
         if mid % cardinality:
             raise ValueError(f"inner width {mid} (= out_channels / 2) is not divisible by cardinality {cardinality}")
+        act = nn.PReLU()
         self.body = nn.Sequential(
-            nn.Conv3d(in_channels, mid, 1, bias=False), nn.BatchNorm3d(mid), nn.PReLU(),
+            nn.Conv3d(in_channels, mid, 1, bias=False), nn.BatchNorm3d(mid), act,
             nn.Conv3d(mid, mid, 3, stride=stride, padding=dilation, dilation=dilation, groups=cardinality,
                       bias=False),
-            nn.BatchNorm3d(mid), nn.PReLU(),
+            nn.BatchNorm3d(mid), act,
             nn.Conv3d(mid, out_channels, 1, bias=False), nn.BatchNorm3d(out_channels),
             SqueezeExcitation3d(out_channels, se_reduction))
         if stride != 1 or in_channels != out_channels:
@@ -45,7 +48,7 @@ class SEResNeXtBottleneck3d(nn.Module):
                 nn.Conv3d(in_channels, out_channels, 1, stride=stride, bias=False), nn.BatchNorm3d(out_channels))
         else:
             self.shortcut = nn.Identity()
-        self.act = nn.PReLU()
+        self.act = act
 
     def forward(self, x: Tensor) -> Tensor:
         return self.act(self.body(x) + self.shortcut(x))

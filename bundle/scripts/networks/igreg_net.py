@@ -53,9 +53,9 @@ class ClassificationBranch(nn.Module):
         if pooling not in ("avg", "max"):
             raise ValueError(f"pooling must be 'avg' or 'max', got {pooling!r}")
         self.max_pool = pooling == "max"
-        self.down8 = ConvNormAct(channels, channels, 3, stride=2)
+        self.down8 = ConvNormAct(channels, channels, 3, stride=2, down=True)
         self.gate8 = AttentionGate(2 * channels, channels)
-        self.down16 = ConvNormAct(channels, channels, 3, stride=2)
+        self.down16 = ConvNormAct(channels, channels, 3, stride=2, down=True)
         self.gate16 = AttentionGate(2 * channels, channels)
         self.heads = nn.ModuleList([nn.Linear(2 * channels, k) for k in num_classes])
 
