@@ -18,14 +18,13 @@ import warnings
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(HERE.parent))                  # tests/: the `parity` package
 sys.path.insert(0, str(HERE.parents[1] / "bundle"))
 
-import reference  # noqa: E402
-import registry  # noqa: E402
 import torch  # noqa: E402
+from parity import reference, registry  # noqa: E402
 
-SECTION_MODULES = ["sections_network", "sections_stdgp"]
+SECTION_MODULES = ["parity.sections_network", "parity.sections_stdgp"]
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -6,8 +6,8 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import torch
-from registry import save, section
-from seeded import pack_names_and_shapes, seeded_input, seeded_state
+from parity.registry import save, section
+from parity.seeded import pack_names_and_shapes, seeded_input, seeded_state
 
 BACKBONE = {"weight_seed": 11, "input_seed": 12, "batch": 2, "size": (32, 32, 48)}
 

@@ -12,8 +12,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from lion_pytorch import Lion
-from registry import save, section
-from seeded import pack_names_and_shapes, seeded_input, seeded_state
+from parity.registry import save, section
+from parity.seeded import pack_names_and_shapes, seeded_input, seeded_state
 
 from scripts.networks.reference_weights import neck_classifier_map, rename
 
