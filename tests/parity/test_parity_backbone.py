@@ -2,8 +2,8 @@
 
 import pytest
 import torch
-from registry import load
-from seeded import seeded_input, seeded_state, unpack_names_and_shapes
+from parity.registry import load
+from parity.seeded import seeded_input, seeded_state, unpack_names_and_shapes
 
 from scripts.networks import IGRegNet, load_reference_weights
 from scripts.networks.reference_weights import backbone_state_from_checkpoint

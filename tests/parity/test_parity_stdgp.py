@@ -4,7 +4,7 @@ the feature distances and the uncertainty-weighted objective."""
 import numpy as np
 import pytest
 import torch
-from registry import load
+from parity.registry import load
 
 from scripts.objective import UncertaintyWeighting
 from scripts.stdgp import feature_distance, gated_feature_regularizer, task_dominant_projection

@@ -6,8 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 from lion_pytorch import Lion
-from registry import load
-from seeded import seeded_input, seeded_state, unpack_names_and_shapes
+from parity.registry import load
+from parity.seeded import seeded_input, seeded_state, unpack_names_and_shapes
 
 from scripts.networks import IGRegNet, load_reference_surrogate_weights, load_reference_weights
 from scripts.stdgp import Surrogate, projected_update, regularizer_gate, task_dominant_projection, task_gradients

@@ -1,0 +1,1 @@
+"""Parity with the reference implementation: fixtures, their generator and the tests (see README.md)."""
