@@ -81,7 +81,8 @@ def _probabilities(network, surrogates, fx, case):
     with torch.no_grad():
         out, feats = network(x), network.encoder(x)
         for t, name in enumerate(network.tasks):
-            _, logits = surrogates[t].task_logits([f[2 * t:2 * t + 2] for f in feats], t)
+            scales, _ = surrogates[t].neck([f[2 * t:2 * t + 2] for f in feats])
+            logits = surrogates[t].classifier(scales)[1][t]
             p_main = F.softmax(out[name], 1)
             for i in range(2):
                 main_prob.append(p_main[2 * t + i, labels[t, i]])
