@@ -24,7 +24,7 @@ sys.path.insert(0, str(HERE.parents[1] / "bundle"))
 import torch  # noqa: E402
 from parity import reference, registry  # noqa: E402
 
-SECTION_MODULES = ["parity.sections_network", "parity.sections_stdgp"]
+SECTION_MODULES = ["parity.sections_network", "parity.sections_stdgp", "parity.sections_dpa"]
 
 
 def main(argv: list[str] | None = None) -> None:
