@@ -19,7 +19,14 @@ import numpy as np
 import torch
 from ignite.engine import Engine, Events
 
-from scripts.checkpoint import CheckpointError, atomic_save, describe_mismatch, remove_temporaries, safe_load
+from scripts.checkpoint import (
+    CheckpointError,
+    atomic_save,
+    describe_mismatch,
+    remove_temporaries,
+    safe_load,
+    with_settings,
+)
 from scripts.plots import plot_confusion_matrices, plot_roc_curves
 
 logger = logging.getLogger(__name__)
@@ -50,15 +57,16 @@ def append_csv_row(path: Path, row: dict[str, Any], tag: Any) -> Path:
 class BestModelSaver:
     """After each validation that improves the key metric, save the network's state_dict (only)."""
 
-    def __init__(self, network: torch.nn.Module, save_dir: str, filename: str = "model.pt") -> None:
-        self.network, self.path = network, Path(save_dir) / filename
+    def __init__(self, network: torch.nn.Module, save_dir: str, filename: str = "model.pt",
+                 settings: dict[str, Any] | None = None) -> None:
+        self.network, self.path, self.settings = network, Path(save_dir) / filename, settings
 
     def attach(self, engine: Engine) -> None:
         engine.add_event_handler(Events.EPOCH_COMPLETED, self)
 
     def __call__(self, engine: Engine) -> None:
         if engine.state.best_metric_epoch == engine.state.epoch and _is_writer():
-            atomic_save(self.network.state_dict(), self.path)
+            atomic_save(with_settings(self.network.state_dict(), self.settings), self.path)
             logger.info(f"saved best model ({engine.state.best_metric:.4f}) to {self.path}")
 
 
