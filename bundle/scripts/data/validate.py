@@ -28,7 +28,8 @@ class DatalistError(ValueError):
     def __init__(self, case: str, field: str, problem: str, split: str | None = None):
         self.case, self.field, self.problem, self.split = case, field, problem, split
         where = f"{split} case '{case}'" if split else f"case '{case}'"
-        super().__init__(f"{where}, field '{field}': {problem}")
+        # "*": a problem of the whole list or folder, whose text names it
+        super().__init__(problem if case == "*" else f"{where}, field '{field}': {problem}")
 
 
 class _Volume:
@@ -162,7 +163,7 @@ def validate_datalist(datalist: str | os.PathLike | Mapping[str, Any], base_dir:
     for split in splits:
         raw = content.get(split) or []
         if not isinstance(raw, list):
-            fail(DatalistError("*", split, f"expected a list of cases in {where}", split))
+            fail(DatalistError("*", split, f"'{split}' must be a list of cases in {where}", split))
             continue
         objects = []
         for i, case in enumerate(raw):
