@@ -4,6 +4,7 @@ import csv
 import gzip
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import nibabel as nib
 import numpy as np
@@ -14,7 +15,7 @@ from monai.bundle import ConfigWorkflow
 
 from scripts.checkpoint import CheckpointError, with_settings
 from scripts.data import DatalistError
-from scripts.inference import InferenceError, OutputExistsError, output_name
+from scripts.inference import CaseCheck, InferenceError, OutputExistsError, PredictionWriter, output_name
 
 CONFIGS = [str(BUNDLE / "configs" / f"{n}.yaml") for n in ("inference", "demo")]
 TINY = {  # a 32^3 world at 8 mm with the narrowest network
@@ -248,3 +249,15 @@ def test_defect5_model_carries_its_settings_and_other_settings_are_refused(tmp_p
     torch.save(dict(state), old)
     workflow(tmp_path, **run, ckpt_path=str(old)).run()
     assert (tmp_path / "out" / "P1.json").is_file() and "records no settings" in "".join(capfd.readouterr())
+
+
+def test_defect3_non_finite_probabilities_are_never_written(tmp_path):
+    check = CaseCheck([])
+    writer = PredictionWriter(str(tmp_path), ["idh"], errors=check)
+    state = SimpleNamespace(batch=[{"case_id": "x"}, {"case_id": "y"}],
+                            output=[{"probs": {"idh": torch.tensor([float("nan"), 0.5])}, "pred": None},
+                                    {"probs": {"idh": torch.tensor([0.25, 0.75])}, "pred": None}])
+    writer.write_cases(SimpleNamespace(state=state))
+    assert not (tmp_path / "x.json").exists() and json.loads((tmp_path / "y.json").read_text())["idh"]["class"] == 1
+    assert [(e["case_id"], e["field"]) for e in check.errors] == [("x", "prediction")]
+    assert "probabilities not finite for idh" in check.errors[0]["problem"]

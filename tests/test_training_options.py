@@ -54,7 +54,6 @@ def cause(err: BaseException, kind: type) -> BaseException:
     ("save_every", 0, "option --save_every must be an integer >= 1, got 0"),
     ("learning_rate", "abc", "option --learning_rate must be a finite number > 0.0, got 'abc'"),
     ("val_interval", 0, "option --val_interval must be an integer >= 1, got 0"),
-    ("val_interval", 5, "option --val_interval (5) exceeds --epochs (1)"),
     ("iters_per_epoch", 0, "option --iters_per_epoch must be an integer >= 1, got 0"),
     ("samples_per_class", 0, "option --samples_per_class must be an integer >= 1, got 0"),
     ("epochs", 2.5, "option --epochs must be an integer >= 1, got 2.5"),

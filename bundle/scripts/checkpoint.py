@@ -155,7 +155,7 @@ def load_network_weights(network: nn.Module, path: str | os.PathLike,
         raise CheckpointError(f"{os.fspath(path)!r} is not a state_dict of tensors")
     saved = checkpoint_settings(state)
     if settings is not None and saved is None:
-        logger.warning(f"checkpoint {os.fspath(path)} records no settings (written before bundle 0.4.0): "
+        logger.warning(f"checkpoint {os.fspath(path)} records no settings (written by an older bundle): "
                        "the network arguments, pixdim and spatial_size of this run are assumed to match it")
     elif settings is not None:
         diff = settings_mismatch(saved, plain(settings))

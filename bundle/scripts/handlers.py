@@ -223,7 +223,8 @@ class TrainingState:
 
 class LastModelSaver:
     """Without validation cases, `BestModelSaver` never runs: then save the last model as
-    `model.pt` after every epoch (said in the log once), so that a run never ends without one."""
+    `model.pt` after every epoch (said in the log once); and a run that ends without a model.pt
+    saves its last model, so that a training never ends without one."""
 
     def __init__(self, network: torch.nn.Module, save_dir: str, evaluator: Engine | None = None,
                  validation_cases: int | None = None, filename: str = "model.pt",
@@ -252,9 +253,11 @@ class LastModelSaver:
         atomic_save(with_settings(self.network.state_dict(), self.settings), self.path)
 
     def check(self, engine: Engine) -> None:
+        """At the end: a training that wrote no model.pt (no validation ran, e.g. `val_interval` above
+        `epochs`, or none gave a finite score) saves its last model, saying so."""
         if _is_writer() and not self.path.exists():
-            raise CheckpointError(f"training ended without writing {self.path} (no validation improved the score); "
-                                  "nothing usable was trained")
+            logger.warning(f"no validation chose a best model: {self.path} is the last model")
+            atomic_save(with_settings(self.network.state_dict(), self.settings), self.path)
 
 
 class MetricsCSV:

@@ -93,9 +93,6 @@ def check_training_options(config: Mapping[str, Any], rank: int = 0) -> None:
     for name in ("seg_samples", "diagnose_every", "num_workers", "seed"):
         if name in c:
             check_int(name, c[name], 0)
-    if c.get("val_interval", 1) > c.get("epochs", 1):
-        raise OptionError(f"option --val_interval ({c['val_interval']}) exceeds --epochs ({c['epochs']}): "
-                          "no validation would run, so no best model.pt would be chosen")
     check_number("learning_rate", c.get("learning_rate"), 0.0)
     if "min_lr" in c:
         check_number("min_lr", c["min_lr"], 0.0, strict=False)
