@@ -112,6 +112,12 @@ def test_defect1_inference_never_overwrites_ground_truth(tmp_path):
                                             "t2w": "in/P1/P1_t2.nii.gz"}]}))
     err = failure(workflow(tmp_path, datalist=str(dl2), output_dir=str(tmp_path), overwrite=True), OutputExistsError)
     assert "dl2.json would overwrite an input file" in str(err)
+    # an output folder inside input_dir is refused even where no mask exists yet: its masks would pose as ground truth
+    (case / "P1_seg.nii.gz").rename(tmp_path / "P1_seg.nii.gz")
+    err = failure(workflow(tmp_path, input_dir=str(tmp_path / "in"), output_dir=str(tmp_path / "in" / "pred")),
+                  OutputExistsError)
+    assert "lies inside input_dir" in str(err) and not (tmp_path / "in" / "pred").exists()
+    (tmp_path / "P1_seg.nii.gz").rename(case / "P1_seg.nii.gz")
     # elsewhere it works, and the inputs are untouched
     workflow(tmp_path, input_dir=str(tmp_path / "in"), output_dir=str(tmp_path / "out")).run()
     assert (tmp_path / "out" / "P1_seg.nii.gz").is_file() and snapshot(tmp_path / "in") == before

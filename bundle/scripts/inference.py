@@ -173,10 +173,11 @@ class CaseCheck:
 
 
 def prepare_output_dir(output_dir: str, cases: Sequence[Mapping[str, Any]], overwrite: bool = False,
-                       inputs: Sequence[str] = ()) -> str:
+                       inputs: Sequence[str] = (), input_dir: str | None = None) -> str:
     """Check every output path before anything is written; returns the folder, created.
 
-    Refused (:class:`OutputExistsError`): two cases whose outputs share a name (also when they
+    Refused (:class:`OutputExistsError`): an output folder inside `input_dir` (its masks would be
+    found as ground truth later), two cases whose outputs share a name (also when they
     differ only in letter case), an output that is an input file (`inputs`, and every path in
     `cases`), an earlier run's results unless `overwrite`, and a file at an output path that no
     run of this bundle wrote. With `overwrite`, the earlier run's files (its manifest) are removed."""
@@ -195,6 +196,9 @@ def prepare_output_dir(output_dir: str, cases: Sequence[Mapping[str, Any]], over
             case = next((c["case_id"] for c in cases if target in case_outputs(out, c)), None)
             who = f"case {case!r}: output" if case is not None else "output"
             raise OutputExistsError(f"{who} {target} would overwrite an input file; choose another output_dir")
+    if input_dir and (out == Path(input_dir).resolve() or Path(input_dir).resolve() in out.parents):
+        raise OutputExistsError(f"output_dir {out} lies inside input_dir {input_dir}: the predicted masks "
+                                "(<case>_seg.nii.gz) would later be found as ground truth; choose a folder outside it")
     if out.exists() and not out.is_dir():
         raise OutputExistsError(f"output_dir {out} is a file, not a folder")
     written_before = set(_read_manifest(out))
