@@ -1,4 +1,5 @@
 """Errors the bundle raises reach the terminal as one clear line; IGREG_DEBUG=1 keeps the traceback."""
+import logging
 import os
 import subprocess
 import sys
@@ -33,6 +34,24 @@ def test_bundle_error_is_one_line_and_debug_keeps_the_traceback(capsys, monkeypa
     monkeypatch.setenv("IGREG_DEBUG", "1")
     excepthook(type(err), err, err.__traceback__)
     assert called and called[0][1] is err
+
+
+def test_logged_bundle_errors_lose_their_traceback_unless_debugging(monkeypatch):
+    logger = logging.getLogger("igreg.test")
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logger.addHandler(handler)
+    try:
+        for debug in ("", "1"):
+            monkeypatch.setenv("IGREG_DEBUG", debug)
+            try:
+                raise chained()
+            except RuntimeError:
+                logger.exception("Exception: run failed")
+    finally:
+        logger.removeHandler(handler)
+    assert records[0].exc_info is None and records[1].exc_info is not None
 
 
 def test_command_line_refusal_is_one_clear_message(tmp_path):

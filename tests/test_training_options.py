@@ -83,7 +83,7 @@ def test_defect7_second_training_is_refused_and_a_stale_lock_taken_over(tmp_path
     other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
         (tmp_path / LOCK_NAME).write_text(json.dumps({"pid": other.pid, "host": __import__("socket").gethostname()}))
-        with pytest.raises(TrainingLockError, match=f"another training \\(pid {other.pid}\\) is using ckpt_dir"):
+        with pytest.raises(TrainingLockError, match=f"another training \\(pid {other.pid}\\) is using {tmp_path}"):
             acquire_training_lock(tmp_path)
     finally:
         other.kill()

@@ -4,13 +4,17 @@ MONAI's config runner wraps every error of a ``$`` expression in ``RuntimeError(
 ...")``, so a refused input reaches the terminal as a long chained traceback. Importing ``scripts``
 (every config does) installs :func:`excepthook`: when an uncaught exception's chain holds one of
 the bundle's own errors (a bad case, file, option, checkpoint or output folder), only that error's
-message is printed, with the exit status 1. ``IGREG_DEBUG=1`` keeps the full traceback.
+message is printed, with the exit status 1, and log records of such errors (Ignite and MONAI log one
+when an error ends an engine run) keep their message without the traceback. ``IGREG_DEBUG=1``
+keeps every traceback.
 """
 from __future__ import annotations
 
+import logging
 import os
 import sys
 from types import TracebackType
+from typing import Any
 
 DEBUG_VARIABLE = "IGREG_DEBUG"
 
@@ -38,7 +42,7 @@ def message(exc: BaseException) -> str:
 
 
 def excepthook(kind: type[BaseException], value: BaseException, tb: TracebackType | None) -> None:
-    found = None if os.environ.get(DEBUG_VARIABLE, "") not in ("", "0") else bundle_error(value)
+    found = None if _debug() else bundle_error(value)
     if found is None:
         _previous(kind, value, tb)
         return
@@ -49,9 +53,30 @@ def excepthook(kind: type[BaseException], value: BaseException, tb: TracebackTyp
 _previous = sys.excepthook
 
 
+def _debug() -> bool:
+    return os.environ.get(DEBUG_VARIABLE, "") not in ("", "0")
+
+
+def _record_factory(*args: Any, **kwargs: Any) -> logging.LogRecord:
+    """Log records of the bundle's own errors keep their message but lose the traceback (Ignite's
+    and MONAI's handlers log one when an error ends an engine run), unless IGREG_DEBUG is set."""
+    record = _previous_factory(*args, **kwargs)
+    if record.exc_info and record.exc_info[1] is not None and not _debug() \
+            and bundle_error(record.exc_info[1]) is not None:
+        record.exc_info, record.exc_text = None, None
+    return record
+
+
+_previous_factory = logging.getLogRecordFactory()
+
+
 def install() -> None:
-    """Install :func:`excepthook` once (the previous hook handles every other error)."""
-    global _previous
+    """Install :func:`excepthook` and the log-record factory once (the previous hook handles every
+    other error)."""
+    global _previous, _previous_factory
     if sys.excepthook is not excepthook:
         _previous = sys.excepthook
         sys.excepthook = excepthook
+    if logging.getLogRecordFactory() is not _record_factory:
+        _previous_factory = logging.getLogRecordFactory()
+        logging.setLogRecordFactory(_record_factory)

@@ -155,7 +155,8 @@ def _alive(pid: int) -> bool:
 
 
 def acquire_training_lock(ckpt_dir: str | os.PathLike, rank: int = 0) -> str | None:
-    """Hold `<ckpt_dir>/.training.lock` (pid and host) for this process until it exits.
+    """Hold `<ckpt_dir>/.training.lock` (pid and host) for this process until it exits (training
+    locks its ckpt_dir and its output_dir).
 
     A lock of a live process on this host refuses the run (two trainings would interleave their
     states and CSV rows); a lock whose process is gone (kill -9) is taken over with a warning.
@@ -178,11 +179,11 @@ def acquire_training_lock(ckpt_dir: str | os.PathLike, rank: int = 0) -> str | N
                 _held.add(str(path))
                 return str(path)
             if host != me["host"]:
-                raise TrainingLockError(f"ckpt_dir {ckpt_dir} is locked by a training on host {host} (pid {pid}); "
+                raise TrainingLockError(f"{ckpt_dir} is locked by a training on host {host} (pid {pid}); "
                                         f"if it is no longer running, delete {path}")
             if pid > 0 and _alive(pid):
-                raise TrainingLockError(f"another training (pid {pid}) is using ckpt_dir {ckpt_dir}; wait for it, "
-                                        "stop it, or choose another --ckpt_dir")
+                raise TrainingLockError(f"another training (pid {pid}) is using {ckpt_dir} (its {LOCK_NAME}); wait "
+                                        "for it, stop it, or choose another --ckpt_dir / --output_dir")
             logger.warning(f"taking over the stale lock {path} of process {pid}, which is no longer running")
             path.unlink(missing_ok=True)
             continue
@@ -192,7 +193,7 @@ def acquire_training_lock(ckpt_dir: str | os.PathLike, rank: int = 0) -> str | N
         if len(_held) == 1:
             atexit.register(release_training_locks)
         return str(path)
-    raise TrainingLockError(f"could not lock ckpt_dir {ckpt_dir} ({path})")
+    raise TrainingLockError(f"could not lock {ckpt_dir} ({path})")
 
 
 def release_training_locks() -> None:
