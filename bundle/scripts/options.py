@@ -27,7 +27,7 @@ def as_flag(value: Any, name: str) -> bool:
     text = value.strip().lower() if isinstance(value, str) else None
     if text in _TRUE | _FALSE:
         return text in _TRUE
-    raise ValueError(f"{name} must be true or false, got {value!r}")
+    raise OptionError(f"option --{name} must be true or false, got {value!r}")
 
 
 class OptionError(ValueError):
@@ -110,10 +110,7 @@ def check_training_options(config: Mapping[str, Any], rank: int = 0) -> None:
         check_choice("val_split", c["val_split"], SPLITS)
     for name in ("amp", "resume", "channels_last"):
         if name in c:
-            try:
-                as_flag(c[name], name)
-            except ValueError as err:
-                raise OptionError(f"option --{err}") from None
+            as_flag(c[name], name)
     tasks = c.get("tasks")
     if not isinstance(tasks, (list, tuple)) or not tasks or any(t not in TASKS for t in tasks) \
             or len(set(tasks)) != len(tasks):
