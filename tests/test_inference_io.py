@@ -61,3 +61,10 @@ def test_output_dir_refusals(tmp_path):
     with pytest.raises(OutputExistsError, match="earlier run"):
         prepare_output_dir(str(out), [case])
     assert prepare_output_dir(str(out), [case], overwrite=True) == str(out.resolve())
+
+
+def test_defect2_too_long_output_names_are_refused_before_writing(tmp_path):
+    case = {"case_id": "x" * 250, "t1c": str(_touch(tmp_path / "in" / "a.nii.gz")), "t2w": "b.nii.gz"}
+    with pytest.raises(OutputExistsError, match="longer than 255 bytes"):
+        prepare_output_dir(str(tmp_path / "out"), [case])
+    assert not (tmp_path / "out").exists()

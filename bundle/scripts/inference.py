@@ -42,6 +42,7 @@ ERRORS = "prediction_errors.csv"
 RUN_FILES = (TABLE, ERRORS, MANIFEST)
 MIN_SIDE_VOXELS = 16  # an input smaller than this on any axis is not a brain volume
 MIN_SIDE_MM = 64.0  # nor one whose field of view is narrower than this (a brain spans about 140 mm)
+MAX_NAME_BYTES = 255  # the longest file name most file systems take
 _SAFE = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-")
 
 
@@ -186,6 +187,9 @@ def prepare_output_dir(output_dir: str, cases: Sequence[Mapping[str, Any]], over
     protected |= {Path(p).resolve() for p in inputs}
     owners: dict[str, str] = {}
     for c in cases:
+        if len(mask_path("", c).name.encode("utf-8")) > MAX_NAME_BYTES:
+            raise OutputExistsError(f"case {str(c['case_id'])[:60]!r}...: its output file name would be longer than "
+                                    f"{MAX_NAME_BYTES} bytes; give it a shorter case_id")
         name = output_name(c).casefold()
         if name in owners:
             raise OutputExistsError(f"cases {owners[name]!r} and {c['case_id']!r} would write the same output files "
