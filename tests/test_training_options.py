@@ -149,3 +149,21 @@ def test_defect6_resume_with_other_epochs_or_learning_rate_rebuilds_the_schedule
     assert faster == pytest.approx([cosine(i, 12, 0.2) for i in (9, 10, 11)])
     assert "learning_rate 0.1 -> 0.2" in caplog.text and "weight_decay 0.0 -> 0.01" in caplog.text
     assert strategy.optimizers[0].param_groups[0]["weight_decay"] == 0.01
+
+
+def test_defect6_resumed_training_with_more_epochs_ends_at_min_lr(cohort, tmp_path, capfd):
+    """Through the configs: `--epochs 1`, then the same command with `--epochs 2` and another learning rate."""
+    workflow(cohort, tmp_path, epochs=1, iters_per_epoch=2).run()
+    wf = workflow(cohort, tmp_path, epochs=2, iters_per_epoch=2, learning_rate=2.0e-3)
+    trainer = wf.parser.get_parsed_content("train#trainer")
+    rates = []
+    trainer.add_event_handler(Events.ITERATION_STARTED,
+                              lambda e: rates.append(e.strategy.optimizers[0].param_groups[0]["lr"]))
+    wf.run()
+    log = "".join(capfd.readouterr())
+    assert "total steps (epochs x iters_per_epoch) 2 -> 4" in log and "learning_rate 0.001 -> 0.002" in log
+    min_lr = wf.parser.get_parsed_content("min_lr")
+    assert rates == pytest.approx([min_lr + (2e-3 - min_lr) * (1 + math.cos(math.pi * s / 4)) / 2 for s in (2, 3)])
+    final = safe_load(tmp_path / "models" / "training_state.pt")
+    assert final["iteration"] == 4 and final["lr_schedule"]["schedulers"][0]["T_max"] == 4
+    assert final["lr_schedule"]["schedulers"][0]["_last_lr"][0] == pytest.approx(min_lr)
