@@ -46,7 +46,7 @@ def test_datalist_cases_get_ids(tmp_path):
     dl.write_text(json.dumps({"testing": [{"t1c": "x/P7_t1ce.nii.gz", "t2w": "x/P7_t2.nii.gz"}]}))
     cases = inference_cases(datalist=str(dl))
     assert cases[0]["case_id"] == "x/P7_t1ce" and cases[0]["t1c"] == str(tmp_path / "x" / "P7_t1ce.nii.gz")
-    assert output_name(cases[0]) == "x_P7_t1ce"  # outputs of cases without a case_id stay in one folder
+    assert output_name(cases[0]) == "x%2FP7_t1ce"  # one folder for all outputs; "/" encoded, not confused with "_"
 
 
 def test_output_dir_refusals(tmp_path):
@@ -61,3 +61,10 @@ def test_output_dir_refusals(tmp_path):
     with pytest.raises(OutputExistsError, match="earlier run"):
         prepare_output_dir(str(out), [case])
     assert prepare_output_dir(str(out), [case], overwrite=True) == str(out.resolve())
+
+
+def test_defect2_too_long_output_names_are_refused_before_writing(tmp_path):
+    case = {"case_id": "x" * 250, "t1c": str(_touch(tmp_path / "in" / "a.nii.gz")), "t2w": "b.nii.gz"}
+    with pytest.raises(OutputExistsError, match="longer than 255 bytes"):
+        prepare_output_dir(str(tmp_path / "out"), [case])
+    assert not (tmp_path / "out").exists()

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import json
+import logging
 import os
 import tempfile
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -11,6 +14,8 @@ import torch
 from torch import nn
 
 _TMP_SUFFIX = ".tmp"
+SETTINGS_KEY = "igreg_settings"  # model.pt: torch.load(path, weights_only=True)._metadata[SETTINGS_KEY]
+logger = logging.getLogger(__name__)
 
 
 class CheckpointError(RuntimeError):
@@ -80,18 +85,98 @@ def _summarise(keys: list[str], most: int = 6) -> str:
     return ", ".join(groups[:most]) + more
 
 
+def plain(value: Any) -> Any:
+    """`value` as plain JSON-like data (dict of str, list, int, float, str, bool, None)."""
+    if isinstance(value, Mapping):
+        return {str(k): plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [plain(v) for v in value]
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        return value.item()
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if hasattr(value, "item"):  # numpy scalars
+        return value.item()
+    return str(value)
+
+
+def with_settings(state: dict[str, torch.Tensor], settings: Mapping[str, Any] | None) -> dict[str, torch.Tensor]:
+    """`state` (a state_dict, still loadable by `load_state_dict` and `torch.load(weights_only=True)`)
+    carrying `settings` as plain data in its `_metadata[SETTINGS_KEY]`, where PyTorch keeps the
+    per-module versions of a state_dict."""
+    if settings is not None:
+        if not hasattr(state, "_metadata"):
+            state = OrderedDict(state)
+            state._metadata = OrderedDict()  # type: ignore[attr-defined]
+        state._metadata[SETTINGS_KEY] = plain(settings)  # type: ignore[attr-defined]
+    return state
+
+
+def checkpoint_settings(state: Any) -> dict[str, Any] | None:
+    """The settings a model.pt was trained with (see `with_settings`), None for an older file."""
+    found = getattr(state, "_metadata", None)
+    found = found.get(SETTINGS_KEY) if isinstance(found, Mapping) else None
+    return dict(found) if isinstance(found, Mapping) else None
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)) and not isinstance(a, bool):
+        return float(a) == float(b)
+    if isinstance(a, list) and isinstance(b, list):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    if isinstance(a, dict) and isinstance(b, dict):
+        return set(a) == set(b) and all(_same(a[k], b[k]) for k in a)
+    return a == b
+
+
+def settings_mismatch(saved: Mapping[str, Any], current: Mapping[str, Any], prefix: str = "") -> list[str]:
+    """`setting: checkpoint X vs this run Y` for every setting that differs (nested names joined by `#`)."""
+    lines = []
+    for key in sorted(set(saved) | set(current)):
+        name = f"{prefix}{key}"
+        a, b = saved.get(key, "<absent>"), current.get(key, "<absent>")
+        if isinstance(a, Mapping) and isinstance(b, Mapping) and key == "network":
+            lines += settings_mismatch(a, b, "network_def#")
+        elif not _same(a, b):
+            lines.append(f"{name}: checkpoint {json.dumps(a)} vs this run {json.dumps(b)}")
+    return lines
+
+
 def load_network_weights(network: nn.Module, path: str | os.PathLike,
-                         map_location: str | torch.device = "cpu") -> nn.Module:
-    """Load a state_dict checkpoint (plain or under a `model` key) into `network`, refusing foreign weights."""
+                         map_location: str | torch.device = "cpu", settings: Mapping[str, Any] | None = None
+                         ) -> nn.Module:
+    """Load a state_dict checkpoint (plain or under a `model` key) into `network`, refusing foreign
+    weights, non-finite weights and, when both the file and `settings` record them, a checkpoint
+    trained with other settings (network arguments, pixdim, spatial_size, channels, tasks, class names)."""
     state = safe_load(path, map_location)
     if isinstance(state, Mapping) and "model" in state and isinstance(state["model"], Mapping):
         state = state["model"]
     if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise CheckpointError(f"{os.fspath(path)!r} is not a state_dict of tensors")
+    saved = checkpoint_settings(state)
+    if settings is not None and saved is None:
+        logger.warning(f"checkpoint {os.fspath(path)} records no settings (written by an older bundle): "
+                       "the network arguments, pixdim and spatial_size of this run are assumed to match it")
+    elif settings is not None:
+        diff = settings_mismatch(saved, plain(settings))
+        if diff:
+            raise CheckpointError(
+                f"checkpoint {os.fspath(path)!r} was trained with other settings, which would change its "
+                "predictions; use the training's values (override them on the command line):\n  " + "\n  ".join(diff))
     diff = describe_mismatch(network.state_dict(), state)
     if diff:
         raise CheckpointError(
             f"checkpoint {os.fspath(path)!r} was trained with another configuration (tasks, widths or channels):\n  "
             + "\n  ".join(diff))
+    bad = non_finite(state)
+    if bad:
+        raise CheckpointError(f"checkpoint {os.fspath(path)!r} holds NaN or infinite weights in {_summarise(bad)}; "
+                              "it cannot give meaningful predictions")
     network.load_state_dict(state)
     return network
+
+
+def non_finite(state: Mapping[str, torch.Tensor]) -> list[str]:
+    """Names of the floating-point tensors of `state` holding NaN or Inf."""
+    return sorted(k for k, v in state.items()
+                  if isinstance(v, torch.Tensor) and v.is_floating_point() and not bool(torch.isfinite(v).all()))

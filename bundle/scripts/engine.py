@@ -9,6 +9,7 @@ too many of them in a row stop training.
 from __future__ import annotations
 
 import logging
+import math
 from typing import Any, Iterable, Sequence
 
 import torch
@@ -47,12 +48,43 @@ def _describe_cases(case_ids: Sequence[str] | None, image: torch.Tensor) -> str:
     return f"; non-finite voxels in case(s) {', '.join(bad)}" if bad else f"; batch cases {', '.join(case_ids)}"
 
 
+def _fmt(values: Any) -> str:
+    values = list(values or [])
+    return f"{values[0]:g}" if values and len(set(values)) == 1 else str(values)
+
+
 class CosineSchedule:
     """Cosine decay from each optimizer's learning rate down to `min_lr` over `total_steps`,
     applied to every optimizer of a strategy (main network and surrogates alike)."""
 
     def __init__(self, optimizers: Sequence[Optimizer], total_steps: int, min_lr: float = 0.0) -> None:
-        self.schedulers = [CosineAnnealingLR(o, T_max=max(1, total_steps), eta_min=min_lr) for o in optimizers]
+        self.total_steps, self.min_lr = max(1, total_steps), min_lr
+        self.schedulers = [CosineAnnealingLR(o, T_max=self.total_steps, eta_min=min_lr) for o in optimizers]
+
+    def changes(self, saved: dict[str, Any]) -> list[str]:
+        """How the schedule of a saved training state (`state_dict()`) differs from this one's."""
+        out = []
+        for i, (s, st) in enumerate(zip(self.schedulers, saved.get("schedulers", []))):
+            which = "" if i == 0 else f" (optimizer {i})"
+            if st.get("T_max") != s.T_max:
+                out.append(f"total steps (epochs x iters_per_epoch){which} {st.get('T_max')} -> {s.T_max}")
+            if st.get("eta_min") != s.eta_min:
+                out.append(f"min_lr{which} {st.get('eta_min')} -> {s.eta_min}")
+            if list(st.get("base_lrs", [])) != list(s.base_lrs):
+                out.append(f"learning_rate{which} {_fmt(st.get('base_lrs'))} -> {_fmt(s.base_lrs)}")
+        return out
+
+    def restart_at(self, step: int) -> None:
+        """Continue this schedule (its total steps, base and minimum rates) at `step`: every
+        optimizer's rate becomes the cosine's value there, and later steps follow this schedule."""
+        for s in self.schedulers:
+            s.last_epoch = step
+            s._step_count = step + 1
+            t = min(step, s.T_max)
+            for group, base in zip(s.optimizer.param_groups, s.base_lrs):
+                group["initial_lr"] = base
+                group["lr"] = s.eta_min + (base - s.eta_min) * (1 + math.cos(math.pi * t / s.T_max)) / 2
+            s._last_lr = [g["lr"] for g in s.optimizer.param_groups]
 
     def step(self) -> None:
         for s in self.schedulers:

@@ -19,7 +19,14 @@ import numpy as np
 import torch
 from ignite.engine import Engine, Events
 
-from scripts.checkpoint import CheckpointError, atomic_save, describe_mismatch, remove_temporaries, safe_load
+from scripts.checkpoint import (
+    CheckpointError,
+    atomic_save,
+    describe_mismatch,
+    remove_temporaries,
+    safe_load,
+    with_settings,
+)
 from scripts.plots import plot_confusion_matrices, plot_roc_curves
 
 logger = logging.getLogger(__name__)
@@ -50,15 +57,16 @@ def append_csv_row(path: Path, row: dict[str, Any], tag: Any) -> Path:
 class BestModelSaver:
     """After each validation that improves the key metric, save the network's state_dict (only)."""
 
-    def __init__(self, network: torch.nn.Module, save_dir: str, filename: str = "model.pt") -> None:
-        self.network, self.path = network, Path(save_dir) / filename
+    def __init__(self, network: torch.nn.Module, save_dir: str, filename: str = "model.pt",
+                 settings: dict[str, Any] | None = None) -> None:
+        self.network, self.path, self.settings = network, Path(save_dir) / filename, settings
 
     def attach(self, engine: Engine) -> None:
         engine.add_event_handler(Events.EPOCH_COMPLETED, self)
 
     def __call__(self, engine: Engine) -> None:
         if engine.state.best_metric_epoch == engine.state.epoch and _is_writer():
-            atomic_save(self.network.state_dict(), self.path)
+            atomic_save(with_settings(self.network.state_dict(), self.settings), self.path)
             logger.info(f"saved best model ({engine.state.best_metric:.4f}) to {self.path}")
 
 
@@ -170,10 +178,20 @@ class TrainingState:
             raise CheckpointError(f"training state {str(path)!r} was saved with another configuration (set resume to "
                                   "false or use another ckpt_dir to start over):\n  " + "\n  ".join(diff))
         self.strategy.load_state_dict(state["strategy"])
+        configured = [[{k: v for k, v in g.items() if k not in ("params", "lr", "initial_lr")} for g in o.param_groups]
+                      for o in self.strategy.optimizers]
         for opt, st in zip(self.strategy.optimizers, state["optimizers"]):
             opt.load_state_dict(st)
+        self._reapply(configured)
         if self.lr_schedule is not None:
-            self.lr_schedule.load_state_dict(state["lr_schedule"])
+            changes = self.lr_schedule.changes(state["lr_schedule"]) if hasattr(self.lr_schedule, "changes") else []
+            if changes:  # the schedule of this run's options, continued at the saved step
+                self.lr_schedule.restart_at(state["iteration"])
+                logger.warning(f"resuming with another schedule ({'; '.join(changes)}): the cosine schedule is "
+                               f"rebuilt for this run's options and continues at iteration {state['iteration']} "
+                               f"(learning rate now {self.lr_schedule._last_lr[0]:.3g})")
+            else:
+                self.lr_schedule.load_state_dict(state["lr_schedule"])
         if state["loader"]:
             self.loader.load_state_dict(state["loader"])
         _set_rng_state(state["rng"])
@@ -184,6 +202,62 @@ class TrainingState:
         engine.state.iteration = state["iteration"]
         engine.state.epoch = state["iteration"] // engine.state.epoch_length
         logger.info(f"resumed from {path} at iteration {engine.state.iteration}")
+        total = engine.state.max_epochs * engine.state.epoch_length
+        if engine.state.iteration >= total:
+            logger.warning(f"this training is already finished: {path} is at iteration {engine.state.iteration} of "
+                           f"{total} ({engine.state.max_epochs} epochs); nothing to do. Raise --epochs to train "
+                           "longer, or use --resume false or another --ckpt_dir to start over.")
+
+    def _reapply(self, configured: list[list[dict[str, Any]]]) -> None:
+        """Put this run's optimizer options (e.g. weight_decay) back over the saved ones, saying which changed."""
+        changed = set()
+        for opt, groups in zip(self.strategy.optimizers, configured):
+            for group, options in zip(opt.param_groups, groups):
+                for key, value in options.items():
+                    if key in group and group[key] != value:
+                        changed.add(f"{key} {group[key]} -> {value}")
+                    group[key] = value
+        if changed:
+            logger.warning(f"resuming with other optimizer options, this run's are used: {', '.join(sorted(changed))}")
+
+
+class LastModelSaver:
+    """Without validation cases, `BestModelSaver` never runs: then save the last model as
+    `model.pt` after every epoch (said in the log once); and a run that ends without a model.pt
+    saves its last model, so that a training never ends without one."""
+
+    def __init__(self, network: torch.nn.Module, save_dir: str, evaluator: Engine | None = None,
+                 validation_cases: int | None = None, filename: str = "model.pt",
+                 settings: dict[str, Any] | None = None) -> None:
+        self.network, self.path, self.settings = network, Path(save_dir) / filename, settings
+        self.evaluator, self.validation_cases = evaluator, validation_cases
+        self.said = False
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self)
+        engine.add_event_handler(Events.COMPLETED, self.check)
+
+    def _validated(self) -> bool:
+        if self.validation_cases is not None:
+            return self.validation_cases > 0
+        loader = getattr(self.evaluator, "data_loader", None)
+        return loader is not None and len(loader) > 0
+
+    def __call__(self, engine: Engine) -> None:
+        if self._validated() or not _is_writer():
+            return
+        if not self.said:
+            logger.warning(f"no validation cases: {self.path} is the last model (saved after every epoch), "
+                           "not the best one")
+            self.said = True
+        atomic_save(with_settings(self.network.state_dict(), self.settings), self.path)
+
+    def check(self, engine: Engine) -> None:
+        """At the end: a training that wrote no model.pt (no validation ran, e.g. `val_interval` above
+        `epochs`, or none gave a finite score) saves its last model, saying so."""
+        if _is_writer() and not self.path.exists():
+            logger.warning(f"no validation chose a best model: {self.path} is the last model")
+            atomic_save(with_settings(self.network.state_dict(), self.settings), self.path)
 
 
 class MetricsCSV:

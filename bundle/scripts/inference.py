@@ -1,4 +1,18 @@
-"""Inference on new cases: input discovery, output-folder safety, prediction post-processing and writers."""
+"""Inference on new cases: input discovery, the per-case input check, output-folder safety,
+prediction post-processing and writers.
+
+Safety rules (see docs/reliability.md):
+
+- each case's outputs are named from its full case id by :func:`output_name`, an injective
+  file-name encoding, and two cases mapping to one name are refused before anything is written;
+- no output path may be a file that the datalist or ``input_dir`` names (masks included);
+- every case passes the training's input check (:func:`scripts.data.check_case`) plus a minimum
+  field of view; a bad case gets no prediction, the good ones are predicted, and the run ends with
+  ``prediction_errors.csv`` and an :class:`InferenceError` naming the bad cases;
+- probabilities that are not finite are never written (the case is reported as bad instead);
+- ``overwrite`` replaces an earlier run: the files its manifest lists are removed first, so the
+  folder holds only this run's files.
+"""
 
 from __future__ import annotations
 
@@ -10,54 +24,224 @@ from pathlib import Path
 from typing import Any, Hashable, Mapping, Sequence
 
 import ignite.distributed as idist
+import nibabel as nib
+import numpy as np
 import torch
 from ignite.engine import Engine, Events
 from monai.transforms import MapTransform
 
-from scripts.data import find_cases, load_datalist
+from scripts.data import DatalistError, check_case, find_cases, load_datalist, read_datalist
+from scripts.data.datalist import IMAGE_KEYS, PATH_KEYS, SPLITS
+from scripts.data.discovery import NIFTI, PLAIN, PREFIXED
 
 logger = logging.getLogger(__name__)
 
+MANIFEST = ".igreg_outputs.json"  # the files an inference run wrote (removed by the next run with overwrite)
+TABLE = "predictions.csv"
+ERRORS = "prediction_errors.csv"
+RUN_FILES = (TABLE, ERRORS, MANIFEST)
+MIN_SIDE_VOXELS = 16  # an input smaller than this on any axis is not a brain volume
+MIN_SIDE_MM = 64.0  # nor one whose field of view is narrower than this (a brain spans about 140 mm)
+MAX_NAME_BYTES = 255  # the longest file name most file systems take
+_SAFE = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-")
+
 
 class OutputExistsError(FileExistsError):
-    """The output folder already holds predictions of an earlier run."""
+    """The output folder already holds predictions of an earlier run, or an output would replace an input."""
 
 
-def output_name(case: Mapping[str, Any]) -> str:
-    """File-name stem of a case's outputs: its `case_id` with path separators replaced."""
-    return str(case["case_id"]).replace("/", "_").replace(os.sep, "_")
+class InferenceError(RuntimeError):
+    """Some cases got no prediction; the message names them and the error list."""
+
+
+def output_name(case: Mapping[str, Any] | str) -> str:
+    """File-name stem of a case's outputs: its full `case_id`, injectively encoded.
+
+    Letters, digits, ``.``, ``_`` and ``-`` are kept; every other character (``/``, ``%``, spaces,
+    ...) and a leading ``.`` become ``%XX`` (UTF-8 bytes, as in URLs), so `site/P1` gives
+    `site%2FP1`, distinct from `site_P1`, and `sub01.ses1` keeps its dot."""
+    text = str(case["case_id"] if isinstance(case, Mapping) else case)
+    out = []
+    for i, ch in enumerate(text):
+        if ch in _SAFE and not (i == 0 and ch == "."):
+            out.append(ch)
+        else:
+            out.extend(f"%{b:02X}" for b in ch.encode("utf-8"))
+    return "".join(out) or "%00"
 
 
 def mask_path(output_dir: str | os.PathLike, case: Mapping[str, Any]) -> Path:
-    """Where the predicted mask of a case goes: `<output name>_seg.nii.gz` (see `CaseFilenamed`)."""
+    """Where the predicted mask of a case goes: `<output name>_seg.nii.gz`."""
     return Path(output_dir) / f"{output_name(case)}_seg.nii.gz"
+
+
+def json_path(output_dir: str | os.PathLike, case: Mapping[str, Any]) -> Path:
+    """Where the class probabilities of a case go: `<output name>.json`."""
+    return Path(output_dir) / f"{output_name(case)}.json"
+
+
+def case_outputs(output_dir: str | os.PathLike, case: Mapping[str, Any]) -> list[Path]:
+    return [json_path(output_dir, case), mask_path(output_dir, case)]
+
+
+def _looked_for() -> str:
+    t1c = "|".join(PREFIXED["t1c"])
+    t2w = "|".join(PREFIXED["t2w"])
+    return (f"<case>{{{t1c}}} + <case>{{{t2w}}} NIfTI pairs ({'/'.join(NIFTI)}) or <case>/{PLAIN['t1c'][0]} + "
+            f"<case>/{PLAIN['t2w'][0]} folders")
 
 
 def inference_cases(datalist: str | None = None, input_dir: str | None = None, split: str = "testing",
                     base_dir: str | None = None) -> list[dict]:
-    """Cases to predict: every case found in `input_dir` if given, else the `split` list of a datalist JSON."""
+    """Cases to predict: every case found in `input_dir` if given, else the `split` list of a datalist JSON.
+
+    No case found is an error saying what was looked for, where."""
     if input_dir:
-        return [{k: c[k] for k in ("case_id", "t1c", "t2w")} for c in find_cases(input_dir)]
+        if not Path(input_dir).is_dir():
+            raise FileNotFoundError(f"input_dir {input_dir} is not a folder")
+        cases = [{k: c[k] for k in ("case_id", "t1c", "t2w")} for c in find_cases(input_dir)]
+        if not cases:
+            raise DatalistError("*", "input_dir", f"no case found under {input_dir}: looked for {_looked_for()}")
+        return cases
     if datalist:
-        return [{k: c[k] for k in ("case_id", "t1c", "t2w")} for c in load_datalist(datalist, split, base_dir)]
+        if not Path(datalist).is_file():
+            raise FileNotFoundError(f"datalist {datalist} not found (give --datalist JSON or --input_dir FOLDER)")
+        raw = load_datalist(datalist, split, base_dir)
+        if not raw:
+            raise DatalistError("*", split, f"datalist {datalist} has no '{split}' cases to predict")
+        bad = [i for i, c in enumerate(raw) if not isinstance(c, Mapping)]
+        if bad:
+            raise DatalistError(f"#{bad[0]}", "*", f"expected an object in {datalist}", split)
+        return [{k: c[k] for k in ("case_id", *IMAGE_KEYS) if k in c} for c in raw]
     raise ValueError("give either `datalist` (a JSON with a 'testing' list) or `input_dir` (a folder of cases)")
 
 
-def prepare_output_dir(output_dir: str, cases: Sequence[Mapping[str, Any]], overwrite: bool = False) -> str:
-    """Refuse an output folder holding an earlier run's predictions (unless `overwrite`) and any
-    output path that would replace an input file. Returns the folder, created."""
+def input_files(datalist: str | None = None, input_dir: str | None = None, base_dir: str | None = None) -> list[str]:
+    """Every file an inference run must never write over: all files under `input_dir`, or every
+    path of every split of the datalist (masks included) and the datalist itself."""
+    if input_dir:
+        return [str(p) for p in Path(input_dir).rglob("*") if p.is_file()]
+    if not datalist or not Path(datalist).is_file():
+        return []
+    files = [str(datalist)]
+    try:
+        content = read_datalist(datalist)
+    except ValueError:
+        return files
+    for split in SPLITS:
+        if not isinstance(content.get(split), list):
+            continue
+        for case in load_datalist(content, split, base_dir or Path(datalist).parent):
+            if isinstance(case, Mapping):
+                files += [v for k, v in case.items() if isinstance(v, str) and (k in PATH_KEYS or os.sep in v)]
+    return files
+
+
+def _min_field_of_view(path: str) -> str | None:
+    """Why the volume at `path` is too small to be a brain scan, or None."""
+    img = nib.load(path)
+    shape = img.shape[:3]
+    extent = [n * float(z) for n, z in zip(shape, img.header.get_zooms()[:3])]
+    if min(shape) < MIN_SIDE_VOXELS or min(extent) < MIN_SIDE_MM:
+        return (f"too small for a brain volume: shape {tuple(shape)}, field of view "
+                f"{' x '.join(f'{e:.0f}' for e in extent)} mm (at least {MIN_SIDE_VOXELS} voxels and "
+                f"{MIN_SIDE_MM:.0f} mm per side expected) in {path}")
+    return None
+
+
+class CaseCheck:
+    """The per-case input check of an inference run: `good` cases go to the network, `errors`
+    (case_id, field, file, problem) collect the bad ones, here and in the `PredictionWriter`."""
+
+    def __init__(self, cases: Sequence[Mapping[str, Any]]) -> None:
+        self.good: list[dict] = []
+        self.errors: list[dict[str, str]] = []
+        for case in cases:
+            try:
+                check_case(case, tasks=())
+                for key in IMAGE_KEYS:
+                    problem = _min_field_of_view(case[key])
+                    if problem:
+                        raise DatalistError(str(case["case_id"]), key, problem)
+            except DatalistError as err:
+                self.add(str(case.get("case_id", "?")), err.field, str(case.get(err.field, "")), err.problem)
+                continue
+            self.good.append(dict(case))
+
+    def add(self, case_id: str, field: str, file: str, problem: str) -> None:
+        self.errors.append({"case_id": case_id, "field": field, "file": file, "problem": problem})
+        logger.error(f"case {case_id!r}, field {field!r}: {problem} -- no prediction for this case")
+
+
+def prepare_output_dir(output_dir: str, cases: Sequence[Mapping[str, Any]], overwrite: bool = False,
+                       inputs: Sequence[str] = (), input_dir: str | None = None) -> str:
+    """Check every output path before anything is written; returns the folder, created.
+
+    Refused (:class:`OutputExistsError`): an output folder inside `input_dir` (its masks would be
+    found as ground truth later), two cases whose outputs share a name (also when they
+    differ only in letter case), an output that is an input file (`inputs`, and every path in
+    `cases`), an earlier run's results unless `overwrite`, and a file at an output path that no
+    run of this bundle wrote. With `overwrite`, the earlier run's files (its manifest) are removed."""
     out = Path(output_dir).resolve()
-    inputs = {Path(str(c[k])).resolve() for c in cases for k in ("t1c", "t2w") if k in c}
+    protected = {Path(str(v)).resolve() for c in cases for k, v in c.items() if k != "case_id" and isinstance(v, str)}
+    protected |= {Path(p).resolve() for p in inputs}
+    owners: dict[str, str] = {}
     for c in cases:
-        for target in (out / f"{output_name(c)}.json", mask_path(out, c).resolve()):
-            if target in inputs:
-                raise OutputExistsError(f"case {c['case_id']!r}: output {target} would overwrite an input file")
-    previous = [p for p in (out / "predictions.csv",) if p.exists()]
+        if len(mask_path("", c).name.encode("utf-8")) > MAX_NAME_BYTES:
+            raise OutputExistsError(f"case {str(c['case_id'])[:60]!r}...: its output file name would be longer than "
+                                    f"{MAX_NAME_BYTES} bytes; give it a shorter case_id")
+        name = output_name(c).casefold()
+        if name in owners:
+            raise OutputExistsError(f"cases {owners[name]!r} and {c['case_id']!r} would write the same output files "
+                                    f"({output_name(c)}.json); give each case a distinct case_id")
+        owners[name] = str(c["case_id"])
+    for target in [out / f for f in RUN_FILES] + [p for c in cases for p in case_outputs(out, c)]:
+        if target.resolve() in protected:
+            case = next((c["case_id"] for c in cases if target in case_outputs(out, c)), None)
+            who = f"case {case!r}: output" if case is not None else "output"
+            raise OutputExistsError(f"{who} {target} would overwrite an input file; choose another output_dir")
+    if input_dir and (out == Path(input_dir).resolve() or Path(input_dir).resolve() in out.parents):
+        raise OutputExistsError(f"output_dir {out} lies inside input_dir {input_dir}: the predicted masks "
+                                "(<case>_seg.nii.gz) would later be found as ground truth; choose a folder outside it")
+    if out.exists() and not out.is_dir():
+        raise OutputExistsError(f"output_dir {out} is a file, not a folder")
+    written_before = set(_read_manifest(out))
+    previous = [p for p in (out / TABLE, out / ERRORS) if p.exists()] + ([out / MANIFEST] if written_before else [])
     if previous and not overwrite:
         raise OutputExistsError(f"{out} holds an earlier run's results ({previous[0].name}); "
                                 "choose another output_dir or set overwrite=true")
-    out.mkdir(parents=True, exist_ok=True)
+    foreign = [p for c in cases for p in case_outputs(out, c) if p.exists() and p.name not in written_before]
+    if foreign and not overwrite:
+        raise OutputExistsError(f"{foreign[0]} exists and was not written by an inference run of this bundle; "
+                                "choose another output_dir or set overwrite=true")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".igreg_write_test.{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as err:
+        raise OutputExistsError(f"output_dir {out} cannot be written: {err}") from None
+    if overwrite:
+        for name in written_before | {p.name for p in previous}:
+            path = out / name
+            if path.resolve() not in protected and path.parent == out:
+                path.unlink(missing_ok=True)
+        _write_manifest(out, [])
     return str(out)
+
+
+def _read_manifest(out: Path) -> list[str]:
+    try:
+        names = json.loads((out / MANIFEST).read_text())["files"]
+        return [n for n in names if isinstance(n, str) and "/" not in n and os.sep not in n]
+    except (OSError, ValueError, KeyError, TypeError):
+        return []
+
+
+def _write_manifest(out: Path, names: Sequence[str]) -> None:
+    tmp = out / (MANIFEST + ".tmp")
+    tmp.write_text(json.dumps({"files": sorted(set(names))}, indent=1) + "\n")
+    os.replace(tmp, out / MANIFEST)
 
 
 class SplitPredictiond(MapTransform):
@@ -78,43 +262,80 @@ class SplitPredictiond(MapTransform):
 
 
 class CaseFilenamed(MapTransform):
-    """Name the MetaTensors under `keys` after the case (`output_name`), so that SaveImaged writes
-    `<case_id>_<postfix>` and cases whose files share a name (e.g. `<case>/t1c.nii.gz`) stay apart."""
+    """Name the MetaTensors under `keys` after the case (`output_name` plus `.nii.gz`, so that a
+    writer stripping the extension keeps the whole name)."""
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict:
         d = dict(data)
         for key in self.key_iterator(d):
-            d[key].meta["filename_or_obj"] = output_name(d)
+            d[key].meta["filename_or_obj"] = output_name(d) + ".nii.gz"
         return d
 
 
+def _atomic_write(path: Path, write: Any) -> None:
+    tmp = path.with_name(f".tmp.{os.getpid()}.{path.name}")  # keeps the extension nibabel reads
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
 class PredictionWriter:
-    """Writes `<case>.json` (probability and class per task) per case and `predictions.csv` for all."""
+    """Per case: `<name>_seg.nii.gz` (the mask under `mask_key`, on the T1C file's grid, when
+    present) and `<name>.json` (probability and class per task); `predictions.csv` for all.
+
+    A case whose probabilities are not all finite gets no file and is added to `errors` (a
+    :class:`CaseCheck`), which `finish_inference` reports."""
 
     def __init__(self, output_dir: str, tasks: Sequence[str], class_names: Mapping[str, Sequence[str]] | None = None,
-                 filename: str = "predictions.csv") -> None:
+                 filename: str = TABLE, errors: CaseCheck | None = None, mask_key: str | None = "pred") -> None:
         self.output_dir, self.tasks = Path(output_dir), list(tasks)
         self.class_names = dict(class_names or {})
         self.csv_path = self.output_dir / filename
+        self.errors = errors
+        self.mask_key = mask_key
         self.rows: list[dict[str, Any]] = []
+        self.written: list[str] = []
 
     def attach(self, engine: Engine) -> None:
         engine.add_event_handler(Events.ITERATION_COMPLETED, self.write_cases)
         engine.add_event_handler(Events.COMPLETED, self.write_table)
 
+    def _fail(self, case_id: str, problem: str) -> None:
+        if self.errors is None:
+            raise InferenceError(f"case {case_id!r}: {problem}")
+        self.errors.add(case_id, "prediction", "", problem)
+
     def write_cases(self, engine: Engine) -> None:
         for item, out in zip(engine.state.batch, engine.state.output):
             case_id = str(item["case_id"])
             result: dict[str, Any] = {"case_id": case_id}
+            probs = {t: torch.as_tensor(out["probs"][t]).detach().float().cpu() for t in self.tasks}
+            bad = [t for t, p in probs.items() if not bool(torch.isfinite(p).all())]
+            if bad:
+                self._fail(case_id, f"probabilities not finite for {', '.join(bad)}; nothing written")
+                continue
             for task in self.tasks:
-                probs = torch.as_tensor(out["probs"][task]).detach().cpu()
-                cls = int(probs.argmax())
+                cls = int(probs[task].argmax())
                 names = self.class_names.get(task)
-                result[task] = {"probabilities": [round(float(p), 6) for p in probs], "class": cls,
+                result[task] = {"probabilities": [round(float(p), 6) for p in probs[task]], "class": cls,
                                 **({"class_name": names[cls]} if names else {})}
             self.output_dir.mkdir(parents=True, exist_ok=True)
-            with open(self.output_dir / f"{output_name(item)}.json", "w") as f:
-                json.dump(result, f, indent=2)
+            mask = out.get(self.mask_key) if self.mask_key and isinstance(out, Mapping) else None
+            if mask is not None:
+                path = mask_path(self.output_dir, item)
+                data = np.asarray(torch.as_tensor(mask).detach().cpu().numpy())
+                data = data[0] if data.ndim == 4 else data
+                affine = np.asarray(torch.as_tensor(getattr(mask, "affine", torch.eye(4))).cpu().numpy(), np.float64)
+                image = nib.Nifti1Image(data.astype(np.uint8), affine)
+                _atomic_write(path, lambda p: nib.save(image, str(p)))
+                self.written.append(path.name)
+            path = json_path(self.output_dir, item)
+            _atomic_write(path, lambda p: p.write_text(json.dumps(result, indent=2)))
+            self.written.append(path.name)
+            _write_manifest(self.output_dir, [*_read_manifest(self.output_dir), *self.written])
             self.rows.append({"case_id": case_id,
                               **{f"{t}_prob": result[t]["probabilities"][-1] for t in self.tasks},
                               **{f"{t}_class": result[t]["class"] for t in self.tasks}})
@@ -127,4 +348,30 @@ class PredictionWriter:
             w = csv.DictWriter(f, fieldnames=list(rows[0]))
             w.writeheader()
             w.writerows(sorted(rows, key=lambda r: r["case_id"]))
+        _write_manifest(self.output_dir, [*_read_manifest(self.output_dir), self.csv_path.name])
         logger.info(f"{len(rows)} predictions written to {self.output_dir}")
+
+
+def run_evaluator(evaluator: Engine, check: CaseCheck) -> None:
+    """Run the evaluator over the good cases (none: nothing to run)."""
+    if check.good:
+        evaluator.run()
+
+
+def finish_inference(output_dir: str, check: CaseCheck) -> None:
+    """Write `prediction_errors.csv` when some cases got no prediction, and raise an
+    :class:`InferenceError` naming them (so the command exits non-zero)."""
+    if not check.errors:
+        return
+    out = Path(output_dir)
+    with open(out / ERRORS, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=["case_id", "field", "file", "problem"])
+        w.writeheader()
+        w.writerows(check.errors)
+    _write_manifest(out, [*_read_manifest(out), ERRORS])
+    cases = list(dict.fromkeys(e["case_id"] for e in check.errors))
+    done = len(check.good) - sum(e["field"] == "prediction" for e in check.errors)
+    first = check.errors[0]
+    raise InferenceError(f"{len(cases)} case(s) got no prediction: {', '.join(cases)} (first: case "
+                         f"{first['case_id']!r}, field {first['field']!r}: {first['problem']}); "
+                         f"{done} case(s) predicted; the list is in {out / ERRORS}")

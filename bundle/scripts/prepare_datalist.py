@@ -13,10 +13,13 @@ Cases are found anywhere below them (see `scripts.data.discovery`):
 - plain: ``<case>/t1c.nii.gz``, ``t2w.nii.gz``, optional ``seg.nii.gz``
 
 (``.nii`` works too). The CSV has a ``case_id`` column (the folder name) and any of the task
-columns ``1p19q``, ``idh``, ``grade`` with 0, 1 or empty (unknown). With ``folds`` > 1 the
+columns ``1p19q``, ``idh``, ``grade`` with 0, 1 or empty (unknown); column names are read without
+regard to case, and a byte-order mark (Excel) is ignored. ``--output`` never replaces an input,
+nor an existing file without ``--overwrite``. With ``folds`` > 1 the
 testing split is set aside first, then ``fold`` of the rest is the validation split.
 
-Check an existing datalist (every file read, every label checked)::
+Check an existing datalist (every file read, every label checked; every bad case is listed, and
+the exit status is non-zero when there is one)::
 
     python -m scripts.prepare_datalist --check datalist.json [--base_dir DIR]
 """
@@ -24,6 +27,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import os
 from collections import defaultdict
 from pathlib import Path
@@ -37,25 +41,51 @@ from scripts.data.discovery import find_cases
 from scripts.data.validate import DatalistError, validate_datalist
 
 GOLDEN = 0.6180339887498949
+logger = logging.getLogger(__name__)
 
 
 def read_labels(path: str, tasks: Sequence[str] = TASKS) -> dict[str, dict[str, int]]:
-    """Labels per case id from a CSV (``case_id`` column, task columns with 0/1/empty)."""
+    """Labels per case id from a CSV (``case_id`` column, task columns with 0/1/empty).
+
+    Column names are matched without regard to case or surrounding spaces (``IDH``, ``Grade``), a
+    byte-order mark (Excel's "CSV UTF-8") is ignored, unknown columns are warned about, and a case
+    listed twice with different labels is refused (twice with the same labels is accepted)."""
     labels: dict[str, dict[str, int]] = {}
-    with open(path, newline="", encoding="utf-8") as f:
-        reader = csv.DictReader(f)
-        if "case_id" not in (reader.fieldnames or []):
-            raise ValueError(f"{path}: the labels CSV needs a 'case_id' column, has {reader.fieldnames}")
-        for row in reader:
-            case = row["case_id"].strip()
-            labels[case] = {}
+    with open(path, newline="", encoding="utf-8-sig") as f:
+        reader = csv.reader(f)
+        header = next(reader, None)
+        if not header:
+            raise ValueError(f"{path}: the labels CSV is empty (a 'case_id' column and task columns expected)")
+        columns = [h.strip().lower() for h in header]
+        if "case_id" not in columns:
+            raise ValueError(f"{path}: the labels CSV needs a 'case_id' column, has {header}")
+        twice = sorted({c for c in columns if columns.count(c) > 1})
+        if twice:
+            raise ValueError(f"{path}: column(s) {twice} appear twice (names compared without regard to case)")
+        unknown = [h for h, c in zip(header, columns) if c not in ("case_id", *TASKS) and c]
+        if unknown:
+            logger.warning(f"{path}: column(s) {unknown} are not task labels and are ignored "
+                           f"(task columns: {', '.join(tasks)})")
+        index = {c: i for i, c in enumerate(columns)}
+        for line, row in enumerate(reader, start=2):
+            if not any(cell.strip() for cell in row):
+                continue
+            cell = (lambda name: row[index[name]].strip() if index[name] < len(row) else "")
+            case = cell("case_id")
+            if not case:
+                raise ValueError(f"{path}, line {line}: empty case_id")
+            found: dict[str, int] = {}
             for task in tasks:
-                value = (row.get(task) or "").strip()
+                value = cell(task) if task in index else ""
                 if value == "":
                     continue
                 if value not in ("0", "1", "0.0", "1.0"):
                     raise DatalistError(case, task, f"label must be 0, 1 or empty in {path}, got {value!r}")
-                labels[case][task] = int(float(value))
+                found[task] = int(float(value))
+            if case in labels and labels[case] != found:
+                raise DatalistError(case, "case_id", f"listed twice in {path} with different labels: "
+                                                     f"{labels[case]} and {found} (line {line})")
+            labels[case] = found
     return labels
 
 
@@ -89,8 +119,11 @@ def assign_splits(cases: Sequence[dict[str, Any]], tasks: Sequence[str], val_fra
 
 def build(data_dir: str | Sequence[str], labels: str | None = None, output: str = "datalist.json",
           val_fraction: float = 0.2, test_fraction: float = 0.2, folds: int = 0, fold: int = 0, seed: int = 0,
-          absolute: bool = False, tasks: Sequence[str] = TASKS, validate: bool = True) -> str:
-    """Write the datalist of the cases under ``data_dir`` with labels from ``labels``; returns its path."""
+          absolute: bool = False, tasks: Sequence[str] = TASKS, validate: bool = True, overwrite: bool = False) -> str:
+    """Write the datalist of the cases under ``data_dir`` with labels from ``labels``; returns its path.
+
+    ``output`` never replaces an input (the labels CSV, a case's file) and replaces an existing
+    file only with ``overwrite``."""
     if folds > 1 and not 0 <= fold < folds:
         raise ValueError(f"fold must be in [0, {folds}), got {fold}")
     if not 0 <= val_fraction + test_fraction <= 1:
@@ -102,6 +135,8 @@ def build(data_dir: str | Sequence[str], labels: str | None = None, output: str 
     if missing:
         raise DatalistError(missing[0], "case_id", f"in {labels} but no such case folder under {data_dirs}")
     cases = [{**c, **known.get(c["case_id"], {})} for c in cases]
+    case_files = [c[k] for c in cases for k in ("t1c", "t2w", SEG_KEY) if k in c]
+    check_output(output, [*([labels] if labels else []), *case_files], overwrite)
     root = Path(output).resolve().parent
     for case in cases:
         for key in ("t1c", "t2w", SEG_KEY):
@@ -120,18 +155,46 @@ def build(data_dir: str | Sequence[str], labels: str | None = None, output: str 
     return path
 
 
+def check_output(output: str, inputs: Sequence[str], overwrite: bool = False) -> None:
+    """Refuse an ``output`` that is one of ``inputs``, or an existing file without ``overwrite``."""
+    target = Path(output).resolve()
+    if target in {Path(p).resolve() for p in inputs}:
+        raise FileExistsError(f"--output {output} is an input file; choose another name")
+    if target.exists() and not overwrite:
+        raise FileExistsError(f"--output {output} exists; choose another name or add --overwrite")
+    if target.exists() and not target.is_file():
+        raise FileExistsError(f"--output {output} is not a file")
+
+
+def report(datalist: str, base_dir: str | None = None) -> dict[str, Any]:
+    """Every problem of a datalist (not only the first), its warnings and its per-split summary."""
+    errors: list[DatalistError] = []
+    warnings: list[str] = []
+    summary = validate_datalist(datalist, base_dir=base_dir, errors=errors, warnings=warnings)
+    return {"datalist": str(datalist), "ok": not errors, **summary,
+            "errors": [{"split": e.split, "case": e.case, "field": e.field, "problem": e.problem} for e in errors],
+            "warnings": warnings}
+
+
 def main(data_dir: str | Sequence[str] | None = None, labels: str | None = None, output: str = "datalist.json",
          val_fraction: float = 0.2, test_fraction: float = 0.2, folds: int = 0, fold: int = 0, seed: int = 0,
-         absolute: bool = False, check: str | None = None, base_dir: str | None = None) -> None:
-    """Build a datalist from ``data_dir`` (and ``labels``), or with ``check`` validate one and
-    print its per-split summary."""
+         absolute: bool = False, check: str | None = None, base_dir: str | None = None,
+         overwrite: bool = False) -> None:
+    """Build a datalist from ``data_dir`` (and ``labels``), or with ``check`` validate one; print
+    its per-split summary with every error and warning. Exits non-zero when there are errors."""
     if check is not None:
-        print(json.dumps({"datalist": check, "ok": True, **validate_datalist(check, base_dir=base_dir)}, indent=1))
-        return
-    if data_dir is None:
+        path = check
+    elif data_dir is None:
         raise SystemExit("give --data_dir (to build) or --check DATALIST (to validate)")
-    path = build(data_dir, labels, output, val_fraction, test_fraction, folds, fold, seed, absolute, validate=False)
-    print(json.dumps({"datalist": path, "ok": True, **validate_datalist(path)}, indent=1))
+    else:
+        path = build(data_dir, labels, output, val_fraction, test_fraction, folds, fold, seed, absolute,
+                     validate=False, overwrite=overwrite)
+    result = report(path, base_dir if check is not None else None)
+    print(json.dumps(result, indent=1))
+    if not result["ok"]:
+        raise SystemExit(f"{len(result['errors'])} problem(s) in {path}; the first: "
+                         + str(DatalistError(**{k: result["errors"][0][k] for k in ("case", "field", "problem",
+                                                                                    "split")})))
 
 
 if __name__ == "__main__":

@@ -33,15 +33,40 @@ def case_name(case: Mapping[str, Any], position: int) -> str:
     return f"#{position}"
 
 
+class DatalistFileError(ValueError):
+    """A datalist file that cannot be read as a datalist (not JSON, not an object); names the file."""
+
+
 def read_datalist(datalist: str | os.PathLike | Mapping[str, Any]) -> dict[str, Any]:
     """The datalist as a dict: loads a JSON path, passes a mapping through."""
     if isinstance(datalist, Mapping):
         return dict(datalist)
-    with open(datalist, encoding="utf-8") as f:
-        content = json.load(f)
+    try:
+        with open(datalist, encoding="utf-8-sig") as f:
+            content = json.load(f)
+    except json.JSONDecodeError as err:
+        raise DatalistFileError(f"datalist {os.fspath(datalist)} is not valid JSON (line {err.lineno}, column "
+                                f"{err.colno}: {err.msg})") from None
+    except UnicodeDecodeError:
+        raise DatalistFileError(f"datalist {os.fspath(datalist)} is not a UTF-8 JSON text file") from None
     if not isinstance(content, dict):
-        raise ValueError(f"datalist {datalist}: expected a JSON object with {'/'.join(SPLITS)} lists")
+        raise DatalistFileError(f"datalist {os.fspath(datalist)}: expected a JSON object with "
+                                f"{'/'.join(SPLITS)} lists, got a {type(content).__name__}")
     return content
+
+
+KNOWN_KEYS = frozenset({"case_id", *PATH_KEYS, *TASKS})
+_HINTS = {"label": SEG_KEY, "mask": SEG_KEY, "segmentation": SEG_KEY, "seg_path": SEG_KEY, "t1ce": "t1c",
+          "t1": "t1c (the contrast-enhanced T1)", "t2": "t2w", "flair": "nothing (FLAIR is not used)",
+          "image": "t1c and t2w", "id": "case_id", "name": "case_id", "1p/19q": "1p19q", "codeletion": "1p19q"}
+
+
+def key_hint(key: str) -> str:
+    """`; did you mean ...?` for an unknown case key, or an empty string."""
+    low = key.strip().lower()
+    if low in KNOWN_KEYS:
+        return f"; did you mean '{low}'? (keys are case-sensitive)"
+    return f"; did you mean '{_HINTS[low]}'?" if low in _HINTS else ""
 
 
 def resolve_case(case: Mapping[str, Any], base_dir: str | os.PathLike, position: int) -> dict[str, Any]:

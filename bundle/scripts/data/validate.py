@@ -5,6 +5,7 @@ so that a bad file never surfaces as a crash deep inside a DataLoader worker.
 """
 from __future__ import annotations
 
+import logging
 import os
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
@@ -13,8 +14,9 @@ from typing import Any, Mapping, Sequence
 import nibabel as nib
 import numpy as np
 
-from .datalist import IMAGE_KEYS, SEG_KEY, SPLITS, TASKS, load_datalist, read_datalist
+from .datalist import IMAGE_KEYS, KNOWN_KEYS, SEG_KEY, SPLITS, TASKS, key_hint, load_datalist, read_datalist
 
+logger = logging.getLogger(__name__)
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 MIN_MASK_INSIDE = 0.99  # share of tumor voxels that must fall inside the T1C field of view
 MIN_BRAIN_COVERED = 0.9  # share of T1C brain voxels that the T2W field of view must cover
@@ -26,7 +28,8 @@ class DatalistError(ValueError):
     def __init__(self, case: str, field: str, problem: str, split: str | None = None):
         self.case, self.field, self.problem, self.split = case, field, problem, split
         where = f"{split} case '{case}'" if split else f"case '{case}'"
-        super().__init__(f"{where}, field '{field}': {problem}")
+        # "*": a problem of the whole list or folder, whose text names it
+        super().__init__(problem if case == "*" else f"{where}, field '{field}': {problem}")
 
 
 class _Volume:
@@ -120,8 +123,15 @@ def check_case(case: Mapping[str, Any], tasks: Sequence[str] = TASKS, split: str
 
 def validate_datalist(datalist: str | os.PathLike | Mapping[str, Any], base_dir: str | os.PathLike | None = None,
                       tasks: Sequence[str] = TASKS, splits: Sequence[str] = SPLITS,
-                      num_workers: int = 2) -> dict[str, dict[str, Any]]:
+                      num_workers: int = 2, errors: list[DatalistError] | None = None,
+                      warnings: list[str] | None = None) -> dict[str, dict[str, Any]]:
     """Check every case of ``splits``; raise :class:`DatalistError` naming the first bad case and field.
+
+    Besides each case's files and labels: a case id twice, the same image file under two case ids
+    (leakage between splits), no case at all in ``splits`` (or none in ``training`` when it is
+    checked without ``testing``, as training does) are errors; keys that are not case fields
+    (e.g. ``IDH``, or the decathlon ``label`` for the mask) are ignored with a warning that suggests
+    the right key.
 
     Args:
         datalist: the datalist JSON path or its content.
@@ -129,29 +139,89 @@ def validate_datalist(datalist: str | os.PathLike | Mapping[str, Any], base_dir:
         tasks: task labels to check (other keys are ignored).
         splits: which lists to check; absent lists are skipped.
         num_workers: threads reading volumes in parallel.
+        errors: when given, every problem is appended here instead of the first being raised.
+        warnings: when given, the warnings are appended here too (they are logged in any case).
 
     Returns:
         per split: ``cases``, ``seg`` (cases with a mask) and per task ``[n_class0, n_class1]``.
     """
     content = read_datalist(datalist)
+    where = "datalist" if isinstance(datalist, Mapping) else f"datalist {os.fspath(datalist)}"
     if base_dir is None:
         base_dir = os.getcwd() if isinstance(datalist, Mapping) else os.path.dirname(os.path.abspath(datalist))
+    found: list[DatalistError] = [] if errors is None else errors
+
+    def fail(err: DatalistError) -> None:
+        if errors is None:
+            raise err
+        found.append(err)
+
     summary: dict[str, dict[str, Any]] = {}
     seen: Counter[str] = Counter()
+    files: dict[str, tuple[str, str]] = {}
+    unknown: dict[tuple[str, str], list[str]] = {}
     for split in splits:
         raw = content.get(split) or []
         if not isinstance(raw, list):
-            raise DatalistError("*", split, "expected a list of cases", split)
+            fail(DatalistError("*", split, f"'{split}' must be a list of cases in {where}", split))
+            continue
+        objects = []
         for i, case in enumerate(raw):
             if not isinstance(case, Mapping):
-                raise DatalistError(f"#{i}", "*", f"expected an object, got {type(case).__name__}", split)
-        cases = load_datalist(content, split, base_dir)
+                fail(DatalistError(f"#{i}", "*", f"expected an object, got {type(case).__name__}", split))
+            else:
+                objects.append(case)
+        cases = load_datalist({split: objects}, split, base_dir)
+        good = []
         for case in cases:
-            seen[case["case_id"]] += 1
-            if seen[case["case_id"]] > 1:
-                raise DatalistError(case["case_id"], "case_id", "the same case appears twice in the datalist", split)
+            name = case["case_id"]
+            for key in case:
+                if key not in KNOWN_KEYS:
+                    unknown.setdefault((split, key), []).append(name)
+            seen[name] += 1
+            if seen[name] > 1:
+                fail(DatalistError(name, "case_id", "the same case appears twice in the datalist", split))
+                continue
+            leak = None
+            for key in IMAGE_KEYS:
+                path = case.get(key)
+                if not isinstance(path, str) or not path:
+                    continue
+                real = os.path.realpath(path)
+                other = files.get(real)
+                if other is not None and other[0] != name and leak is None:
+                    leak = DatalistError(name, key, f"{path} is also the image of case '{other[0]}' ({other[1]}): "
+                                                    "the same images under two ids (leakage between splits)", split)
+                files.setdefault(real, (name, split))
+            if leak is not None:
+                fail(leak)
+                continue
+            good.append(case)
+
+        def check(c: Mapping[str, Any]) -> DatalistError | None:
+            try:
+                check_case(c, tasks, split)
+            except DatalistError as err:
+                return err
+            return None
+
         with ThreadPoolExecutor(max(1, num_workers)) as pool:
-            list(pool.map(lambda c: check_case(c, tasks, split), cases))
+            for err in pool.map(check, good):
+                if err is not None:
+                    fail(err)
         summary[split] = {"cases": len(cases), "seg": sum(SEG_KEY in c for c in cases),
                           **{t: [sum(c.get(t) == k for c in cases) for k in (0, 1)] for t in tasks}}
+    for (split, key), names in unknown.items():
+        text = (f"{where}: unknown key '{key}' in {len(names)} {split} case(s) (first: '{names[0]}') is ignored"
+                f"{key_hint(key)}")
+        logger.warning(text)
+        if warnings is not None:
+            warnings.append(text)
+    training_run = "training" in splits and "testing" not in splits  # train.yaml checks training + validation
+    if training_run and "training" in summary and not summary["training"]["cases"]:
+        fail(DatalistError("*", "training", f"{where} has no training cases", "training"))
+    elif summary and not any(v["cases"] for v in summary.values()):
+        fail(DatalistError("*", "*", f"{where} has no cases in {'/'.join(splits)}"))
+    elif not summary and not found:
+        fail(DatalistError("*", "*", f"{where} has no {'/'.join(splits)} lists"))
     return summary
