@@ -61,7 +61,7 @@ def _assert_background_zero(image: torch.Tensor) -> None:
     assert abs(float(brain.mean())) < 1e-4 and abs(float(brain.std(unbiased=False)) - 1) < 1e-4
 
 
-def test_t2w_orientation_does_not_change_input(small_case):
+def test_defect4_t2w_orientation_does_not_change_input(small_case):
     chain = config_chain()
     lps = chain({"t1c": small_case["t1c"], "t2w": small_case["t2w"], "seg": small_case["seg"], "case_id": "c"})
     ras = chain({"t1c": small_case["t1c"], "t2w": small_case["t2w_ras"], "seg": small_case["seg"], "case_id": "c"})
@@ -75,7 +75,7 @@ def test_t2w_orientation_does_not_change_input(small_case):
     assert torch.equal(ras_seg["seg"], lps["seg"])
 
 
-def test_t1c_orientation_does_not_change_input(small_case):
+def test_defect4_t1c_orientation_does_not_change_input(small_case):
     chain = config_chain("inference", "preprocessing")  # the inference spelling of the chain
     lps = chain({"t1c": small_case["t1c"], "t2w": small_case["t2w"]})
     ras = chain({"t1c": small_case["t1c_ras"], "t2w": small_case["t2w"]})
@@ -86,7 +86,7 @@ def test_t1c_orientation_does_not_change_input(small_case):
 
 
 @pytest.mark.parametrize("grid", ["flipped", "2mm_shifted"])
-def test_background_stays_zero_when_t2w_needs_resampling(tmp_path, grid):
+def test_defect4_background_stays_zero_when_t2w_needs_resampling(tmp_path, grid):
     """Synthetic (no shared data): a T2W that needs resampling leaves no nonzero background after z-scoring."""
     rng = np.random.default_rng(0)
     n = 40
@@ -113,7 +113,7 @@ def test_background_stays_zero_when_t2w_needs_resampling(tmp_path, grid):
         torch.testing.assert_close(image.as_tensor(), same["image"].as_tensor(), rtol=0, atol=1e-6)
 
 
-def test_t2w_orientation_does_not_change_predictions(small_case, tmp_path):
+def test_defect4_t2w_orientation_does_not_change_predictions(small_case, tmp_path):
     """End to end through inference.yaml (demo settings, a tiny random network): probabilities and mask agree."""
     set_determinism(seed=0)
     wf = ConfigWorkflow(config_file=[str(CONFIGS / "inference.yaml"), str(CONFIGS / "demo.yaml")],
