@@ -38,7 +38,7 @@ import torch  # noqa: E402
 if TYPE_CHECKING:
     from monai.bundle import ConfigParser
 
-    from scripts.strategies import MTLStrategy
+    from scripts.mtl.base import MTLStrategy
 
 TINY_NET = {"num_channels": 4, "widths": [8, 16, 16, 16], "depths": [1, 1, 1, 1], "cardinality": 4}
 STRATEGY_OF_MODE = {"igreg": "igreg", "plain": "equal"}
@@ -61,7 +61,7 @@ def load_config(demo: bool, tiny: bool, demo_dir: str | None = None) -> ConfigPa
 
 def build(parser: ConfigParser, name: str, device: torch.device, amp: bool) -> MTLStrategy:
     """The strategy `name` around the configured network, Lion optimizer, IGReg options and memory format."""
-    from scripts.strategies import build_strategy
+    from scripts.mtl import build_strategy
 
     network = parser.get_parsed_content("network_def").to(device)
     return build_strategy(name, network, parser.get_parsed_content("optimizer"), amp,
@@ -144,7 +144,8 @@ def peak_mib(device: torch.device) -> float:
 
 def step_child(args: argparse.Namespace) -> dict:
     """One strategy on the fixed batch: step times, peak memory and (with --parts) a time breakdown."""
-    import scripts.strategies
+    import scripts.mtl.base
+    import scripts.mtl.igreg
 
     device = torch.device(args.device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
@@ -155,7 +156,8 @@ def step_child(args: argparse.Namespace) -> dict:
     timer = None
     if args.parts:
         timer = PartTimer(sync)
-        timer.wrap(scripts.strategies, "non_finite_names", "guard")
+        for module in (scripts.mtl.base, scripts.mtl.igreg):  # the guards of the updates and of the surrogates
+            timer.wrap(module, "non_finite_names", "guard")
         for attribute, label in [("forward_tasks", "forward"), ("dpa_losses", "dpa_losses"),
                                  ("sync_surrogates", "copy"), ("encoded_task_batches", "surrogate_batches_encoder"),
                                  ("surrogate_update", "surrogate_updates"),

@@ -14,7 +14,7 @@ from monai.bundle import ConfigWorkflow
 from scripts.ablation import main as ablation
 from scripts.ablation import paired_difference, summarize
 from scripts.data import generate_cohort
-from scripts.strategies import STRATEGIES
+from scripts.mtl import STRATEGIES
 
 CONFIGS = [str(BUNDLE / "configs" / f"{n}.yaml") for n in ("train", "demo")]
 TINY = {  # a 32^3 world at 8 mm with the narrowest network

@@ -13,8 +13,8 @@ from test_gradient_strategies import TASKS, batch
 
 from scripts.diagnostics import GradientConflictLogger, conflict_stats, measure_conflicts, sign_agreement
 from scripts.engine import IGRegTrainer
+from scripts.mtl import build_strategy
 from scripts.networks import IGRegNet
-from scripts.strategies import build_strategy
 
 SGD = functools.partial(torch.optim.SGD, lr=0.1)
 

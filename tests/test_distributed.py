@@ -23,7 +23,7 @@ from scripts.data import generate_cohort
 from scripts.diagnostics import conflict_stats
 from scripts.distributed import average_across_ranks, broadcast_module, rank_zero_first, sync_buffers
 from scripts.metrics import MultiTaskMetric
-from scripts.strategies import non_finite_names, share_gradients
+from scripts.mtl.base import non_finite_names, share_gradients
 
 CONFIGS = BUNDLE / "configs"
 TINY = {"pixdim": [8.0, 8.0, 8.0], "spatial_size": [32, 32, 32], "num_workers": 0, "cache": "none",

@@ -10,18 +10,13 @@ import pytest
 import torch
 from conftest import TINY_NET
 
-from scripts.gradient_strategies import (
-    CAGrad,
-    PCGrad,
-    UncertaintyOnly,
-    all_task_losses,
-    cagrad,
-    cagrad_weights,
-    pcgrad,
-    shared_parameters,
-)
+from scripts.mtl import STRATEGIES, build_strategy
+from scripts.mtl.base import BatchLayout
+from scripts.mtl.cagrad import CAGrad, cagrad, cagrad_weights
+from scripts.mtl.gradients import all_task_losses, shared_parameters
+from scripts.mtl.pcgrad import PCGrad, pcgrad
+from scripts.mtl.uncertainty import UncertaintyOnly
 from scripts.networks import IGRegNet
-from scripts.strategies import STRATEGIES, BatchLayout, build_strategy
 
 SGD = functools.partial(torch.optim.SGD, lr=0.1)
 TASKS = ("1p19q", "idh", "grade")

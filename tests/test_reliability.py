@@ -21,8 +21,8 @@ from scripts.checkpoint import CheckpointError, safe_load
 from scripts.data import generate_cohort
 from scripts.engine import IGRegTrainer, NonFiniteTrainingError
 from scripts.handlers import TrainingState
+from scripts.mtl import build_strategy
 from scripts.networks import IGRegNet
-from scripts.strategies import build_strategy
 
 CONFIGS = [str(BUNDLE / "configs" / f"{n}.yaml") for n in ("train", "demo")]
 RUN = {  # 2 epochs x 2 iterations of the default IGReg strategy on 32^3 volumes, a state each iteration

@@ -7,10 +7,13 @@ import pytest
 import torch
 from conftest import TINY_NET as TINY
 
+from scripts.mtl import build_strategy
+from scripts.mtl.base import BatchLayout
+from scripts.mtl.equal import EqualWeighting
+from scripts.mtl.igreg import TERMS, IGReg
 from scripts.networks import IGRegNet
 from scripts.objective import UncertaintyWeighting, dice_loss
 from scripts.stdgp import task_dominant_projection, task_gradients
-from scripts.strategies import TERMS, BatchLayout, EqualWeighting, IGReg, build_strategy
 
 LION = functools.partial(lion_pytorch.Lion, lr=1e-3, weight_decay=2e-5)
 SIZE = 32

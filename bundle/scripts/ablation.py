@@ -44,7 +44,7 @@ from monai.bundle import ConfigWorkflow
 from monai.utils import set_determinism
 
 from scripts.data import ensure_demo_cohort
-from scripts.strategies import MTLStrategy
+from scripts.mtl.base import MTLStrategy
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -312,7 +312,7 @@ def main(strategies: Any = DEFAULT_STRATEGIES, seeds: Any = (0, 1, 2, 3, 4), epo
     """Train and test every strategy with every seed, then write the table and the plot into `output`.
 
     Args:
-        strategies: names from `scripts.strategies.STRATEGIES` (comma-separated or a list).
+        strategies: names from `scripts.mtl.STRATEGIES` (comma-separated or a list).
         seeds: one training run per seed and strategy (network initialisation, sampling, augmentation);
             the strategies of a seed see the same main batches (paired seeds).
         epochs, iters_per_epoch: training length (default: the configs'); validation after each epoch.

@@ -21,9 +21,9 @@ from torch.utils.tensorboard import SummaryWriter
 
 from scripts.distributed import average_across_ranks, rank
 from scripts.engine import prepare_batch
-from scripts.gradient_strategies import all_task_losses, flatten, shared_parameters, task_gradients
 from scripts.handlers import append_csv_row
-from scripts.strategies import BatchLayout, MTLStrategy, main_part
+from scripts.mtl.base import BatchLayout, MTLStrategy, main_part
+from scripts.mtl.gradients import all_task_losses, flatten, shared_parameters, task_gradients
 
 
 @dataclass

@@ -19,7 +19,7 @@ from torch.optim import Optimizer
 from torch.optim.lr_scheduler import CosineAnnealingLR
 
 from scripts.data.loader import BATCH_KEYS
-from scripts.strategies import MTLStrategy
+from scripts.mtl.base import MTLStrategy
 
 logger = logging.getLogger(__name__)
 

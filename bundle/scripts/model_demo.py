@@ -14,8 +14,8 @@ import time
 import lion_pytorch
 import torch
 
+from scripts.mtl.igreg import TERMS, IGReg
 from scripts.networks import IGRegNet
-from scripts.strategies import TERMS, IGReg
 
 DEMO_NET = dict(num_channels=8, widths=(16, 32, 64, 64), depths=(1, 1, 1, 1), cardinality=4)
 

@@ -82,8 +82,8 @@ def check_training_options(config: Mapping[str, Any], rank: int = 0) -> None:
     `config` maps option names (as on the command line) to their values; the folders are created
     and probed for writing on rank 0 only (the only rank that writes)."""
     from scripts.data.datalist import SPLITS, TASKS
+    from scripts.mtl import STRATEGIES
     from scripts.stdgp import DISTANCES
-    from scripts.strategies import STRATEGIES
 
     c = dict(config)
     for name in ("epochs", "iters_per_epoch", "val_interval", "samples_per_class", "save_every", "max_bad_steps",
