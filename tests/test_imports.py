@@ -1,6 +1,7 @@
-"""The bundle's code imports without cycles: every module of `scripts` imports on its own in a fresh
-interpreter, no module of `scripts/mtl` imports the package `scripts.mtl` (the registry, which imports
-them), and the import graph of `scripts` (function-level imports included) has no cycle."""
+"""The bundle's code imports without cycles: each `python -m scripts.<x>` entry point (and the strategy
+registry) imports on its own in a fresh interpreter, no module of `scripts/mtl` imports the package
+`scripts.mtl` (the registry, which imports them), and the import graph of `scripts` (function-level
+imports included) has no cycle."""
 
 import ast
 import os
@@ -98,8 +99,12 @@ def imports_of_package(source: str, name: str, package: str = "scripts.mtl") -> 
     return bad
 
 
-@pytest.mark.parametrize("module", sorted(MODULES))
-def test_each_module_imports_alone_in_a_fresh_interpreter(module):
+# the `python -m scripts.<x>` entry points, and the strategy registry that configs build from
+ENTRY_POINTS = sorted(n for n, (p, _) in MODULES.items() if '__name__ == "__main__"' in p.read_text()) + ["scripts.mtl"]
+
+
+@pytest.mark.parametrize("module", ENTRY_POINTS)
+def test_each_entry_point_imports_alone_in_a_fresh_interpreter(module):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(BUNDLE)}
     done = subprocess.run([sys.executable, "-c", f"import {module}"], cwd=BUNDLE, env=env, capture_output=True,
                           text=True, timeout=300)
