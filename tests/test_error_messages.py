@@ -58,7 +58,8 @@ def test_command_line_refusal_is_one_clear_message(tmp_path):
     (tmp_path / "empty").mkdir()
     configs = "['configs/inference.yaml','configs/demo.yaml']"
     env = {k: v for k, v in os.environ.items() if k != "IGREG_DEBUG"}
-    for extra, text in ((["--load_pretrain", "false"], f"error (DatalistError): no case found under {tmp_path / 'empty'}"),
+    empty = f"error (DatalistError): no case found under {tmp_path / 'empty'}"
+    for extra, text in ((["--load_pretrain", "false"], empty),
                         (["--ckpt_path", str(tmp_path / "none.pt")],   # the checkpoint loads first (initialize)
                          f"error (CheckpointError): no checkpoint at '{tmp_path / 'none.pt'}'")):
         cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", configs,
