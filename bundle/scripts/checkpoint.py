@@ -197,7 +197,7 @@ class CheckedCheckpointLoader(CheckpointLoader):
     """
 
     def __init__(self, load_path: str | os.PathLike, load_dict: dict, settings: Mapping[str, Any] | None = None,
-                 map_location: Any = None, name: str | None = None) -> None:
+                 map_location: Any = None, name: str | None = __name__) -> None:
         if len(load_dict) != 1 or not isinstance(next(iter(load_dict.values())), nn.Module):
             raise ValueError("CheckedCheckpointLoader loads one network: load_dict={'model': network}")
         super().__init__(load_path=os.fspath(load_path), load_dict=load_dict, name=name, map_location=map_location,
