@@ -14,6 +14,9 @@ from conftest import BUNDLE
 from monai.bundle import ConfigWorkflow, ckpt_export, verify_metadata, verify_net_in_out
 from test_bundle import TINY, configs
 
+from scripts.checkpoint import CheckpointError
+from scripts.errors import bundle_error
+
 META = BUNDLE / "configs" / "metadata.json"
 SCHEMA = Path(__file__).parent / "schema" / "meta_schema_20240725.json"
 SCHEMA_MD5 = "76e1add273836515d0bbb3bc71962474"
@@ -56,6 +59,21 @@ def test_train_seeds_before_building_the_network(cohort, tmp_path):
             assert wf.check_properties() == []
         nets.append(wf.parser.get_parsed_content("network").state_dict())
     assert all(torch.equal(nets[0][k], nets[1][k]) for k in nets[0])
+
+
+def test_train_load_pretrain_starts_from_ckpt_path(trained, cohort, tmp_path):
+    run = {**tiny_run(cohort, tmp_path), "load_pretrain": "true", "ckpt_path": str(trained / "model.pt")}
+    wf = ConfigWorkflow(config_file=configs("train", "demo"), workflow_type="train", **run)
+    wf.initialize()
+    saved = torch.load(trained / "model.pt", weights_only=True)
+    net = wf.parser.get_parsed_content("network").state_dict()
+    assert all(torch.equal(net[k], saved[k]) for k in saved)
+    wf = ConfigWorkflow(config_file=configs("train", "demo"), workflow_type="train",
+                        **{**run, "network_def#pooling": "avg"})
+    with pytest.raises(Exception) as err:   # the settings check of scripts.checkpoint, before anything runs
+        wf.initialize()
+    assert isinstance(bundle_error(err.value), CheckpointError)
+    assert 'network_def#pooling: checkpoint "max" vs this run "avg"' in str(bundle_error(err.value))
 
 
 def test_multi_gpu_train_as_one_gloo_rank(cohort, tmp_path, monkeypatch):
