@@ -1,7 +1,11 @@
 #!/usr/bin/env bash
 # Creates .venv (if absent) and installs the bundle's dependencies and test tools into it.
-# PyTorch comes first as the CPU build unless IGREG_TORCH names another requirement
-# (e.g. IGREG_TORCH="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu126").
+# PyTorch comes first: torch==2.13.0 from the configured package index unless IGREG_TORCH names
+# another requirement. On Linux, the public PyPI's torch wheel is the CUDA build (it pulls the NVIDIA
+# runtime wheels, several GB, and also runs on the CPU); on macOS and Windows it is the CPU build.
+# CPU-only build:  IGREG_TORCH="torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu"
+# a CUDA version:  IGREG_TORCH="torch==2.13.0 --index-url https://download.pytorch.org/whl/cuXYZ"
+#                  (cuXYZ: one of the CUDA versions pytorch.org lists for that release, e.g. cu126)
 set -euo pipefail
 cd "$(dirname "$0")"
 python3 -m venv .venv

@@ -13,7 +13,6 @@ import torch
 from conftest import BUNDLE
 from ignite.engine import Events
 from monai.bundle import ConfigWorkflow
-from monai.utils import set_determinism
 
 from scripts.data import generate_cohort
 from scripts.inference import OutputExistsError
@@ -133,7 +132,7 @@ def test_torchscript_export_matches_eager(trained, tmp_path):
     subprocess.run(cmd, check=True, cwd=BUNDLE, capture_output=True)
     scripted = torch.jit.load(str(ts_path))
     wf = ConfigWorkflow(config_file=configs("inference", "demo"), workflow_type="infer", bundle_root=str(BUNDLE),
-                        **TINY)
+                        load_pretrain=False, **TINY)
     wf.initialize()
     net = wf.parser.get_parsed_content("network_def")
     net.load_state_dict(torch.load(Path(trained["ckpt_dir"]) / "model.pt", weights_only=True))
@@ -163,8 +162,7 @@ def _train(cohort, run, epochs=2, stop_at=None):
     wf = ConfigWorkflow(config_file=configs("train", "demo"), workflow_type="train", run_id="training",
                         bundle_root=str(BUNDLE), epochs=epochs, iters_per_epoch=2, save_every=1,
                         dataset_dir=str(cohort), output_dir=str(run / "eval"), ckpt_dir=str(run / "models"), **TINY)
-    wf.initialize()
-    set_determinism(seed=0)  # the network is built here, before the `training` list seeds everything
+    wf.initialize()  # seeds, then builds the network
     trainer = wf.parser.get_parsed_content("train#trainer")
     if stop_at is not None:
         trainer.add_event_handler(Events.ITERATION_COMPLETED(once=stop_at), lambda e: e.terminate())

@@ -113,16 +113,15 @@ def test_rank_helpers_in_two_processes(tmp_path):
 
 # ---- the bundle under torchrun --------------------------------------------------------------------
 def test_multi_gpu_config_keeps_the_training_steps():
-    """multi_gpu_train.yaml replaces train.yaml's `training` list: every step of it must be there
-    (the demo-cohort step wrapped for rank 0 first)."""
-    train = yaml.safe_load((CONFIGS / "train.yaml").read_text())["training"]
-    multi = yaml.safe_load((CONFIGS / "multi_gpu_train.yaml").read_text())["training"]
-    for step in train:
-        if "ensure_demo_cohort" in step:
-            assert any("rank_zero_first(scripts.data.ensure_demo_cohort" in s for s in multi)
-        else:
-            assert step in multi, step
-    assert multi[-1] == train[-1]
+    """multi_gpu_train.yaml keeps train.yaml's `training`/`run` lists (it overrides only what differs) and
+    its `initialize` runs train.yaml's, in order, after setting up the process group."""
+    train = yaml.safe_load((CONFIGS / "train.yaml").read_text())
+    multi = yaml.safe_load((CONFIGS / "multi_gpu_train.yaml").read_text())
+    assert "training" not in multi and "run" not in multi and train["run"] == "@training"
+    assert multi["initialize"][-len(train["initialize"]):] == train["initialize"]
+    assert any("init_process_group" in s for s in multi["initialize"][:-len(train["initialize"])])
+    assert "rank_zero_first(scripts.data.ensure_demo_cohort" in multi["prepare_cohort"]
+    assert "broadcast_module(@strategy)" in multi["train#trainer#strategy"]
 
 
 def _same(a, b) -> bool:

@@ -57,11 +57,15 @@ def test_logged_bundle_errors_lose_their_traceback_unless_debugging(monkeypatch)
 def test_command_line_refusal_is_one_clear_message(tmp_path):
     (tmp_path / "empty").mkdir()
     configs = "['configs/inference.yaml','configs/demo.yaml']"
-    cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", configs,
-           "--input_dir", str(tmp_path / "empty"), "--output_dir", str(tmp_path / "out")]
     env = {k: v for k, v in os.environ.items() if k != "IGREG_DEBUG"}
-    done = subprocess.run(cmd, cwd=BUNDLE, capture_output=True, text=True, timeout=300,
-                          env={**env, "OMP_NUM_THREADS": "1"})
-    assert done.returncode == 1
-    assert f"error (DatalistError): no case found under {tmp_path / 'empty'}" in done.stderr
-    assert "Traceback" not in done.stderr + done.stdout and "Failed to evaluate" not in done.stderr
+    empty = f"error (DatalistError): no case found under {tmp_path / 'empty'}"
+    for extra, text in ((["--load_pretrain", "false"], empty),
+                        (["--ckpt_path", str(tmp_path / "none.pt")],   # the checkpoint loads first (initialize)
+                         f"error (CheckpointError): no checkpoint at '{tmp_path / 'none.pt'}'")):
+        cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", configs,
+               "--input_dir", str(tmp_path / "empty"), "--output_dir", str(tmp_path / "out"), *extra]
+        done = subprocess.run(cmd, cwd=BUNDLE, capture_output=True, text=True, timeout=300,
+                              env={**env, "OMP_NUM_THREADS": "1"})
+        assert done.returncode == 1
+        assert text in done.stderr
+        assert "Traceback" not in done.stderr + done.stdout and "Failed to evaluate" not in done.stderr

@@ -53,10 +53,11 @@ def brats_case(root: Path, name: str, seed: int = 0) -> Path:
     return folder
 
 
-def workflow(tmp_path: Path, **overrides) -> ConfigWorkflow:
+def workflow(tmp_path: Path, initialize: bool = True, **overrides) -> ConfigWorkflow:
     wf = ConfigWorkflow(config_file=CONFIGS, workflow_type="infer", bundle_root=str(BUNDLE),
                         **{**TINY, "ckpt_path": str(checkpoint(tmp_path)), **overrides})
-    wf.initialize()
+    if initialize:
+        wf.initialize()
     return wf
 
 
@@ -64,7 +65,8 @@ def checkpoint(tmp_path: Path, nan: bool = False) -> Path:
     """The model.pt of an untrained tiny network as training writes it."""
     path = tmp_path / ("nan_model.pt" if nan else "model.pt")
     if not path.exists():
-        wf = ConfigWorkflow(config_file=CONFIGS, workflow_type="infer", bundle_root=str(BUNDLE), **TINY)
+        wf = ConfigWorkflow(config_file=CONFIGS, workflow_type="infer", bundle_root=str(BUNDLE), load_pretrain=False,
+                            **TINY)
         wf.initialize()
         torch.manual_seed(0)
         net = wf.parser.get_parsed_content("network_def")
@@ -76,8 +78,11 @@ def checkpoint(tmp_path: Path, nan: bool = False) -> Path:
 
 
 def failure(wf: ConfigWorkflow, kind: type) -> BaseException:
-    """Run `wf`, expect it to fail, return the `kind` exception of the chain."""
+    """Run `wf` (initialize first when it is not yet: the checkpoint loads there), expect it to fail,
+    return the `kind` exception of the chain."""
     with pytest.raises(Exception) as err:
+        if not wf._is_initialized:
+            wf.initialize()
         wf.run()
     e: BaseException | None = err.value
     while e is not None and not isinstance(e, kind):
@@ -212,7 +217,7 @@ def test_defect3_missing_t2w_empty_lists_and_no_cases_are_errors(tmp_path):
 
 def test_defect3_checkpoint_with_non_finite_weights_is_refused(tmp_path):
     brats_case(tmp_path / "in", "P1")
-    wf = workflow(tmp_path, input_dir=str(tmp_path / "in"), output_dir=str(tmp_path / "out"),
+    wf = workflow(tmp_path, initialize=False, input_dir=str(tmp_path / "in"), output_dir=str(tmp_path / "out"),
                   ckpt_path=str(checkpoint(tmp_path, nan=True)))
     err = failure(wf, CheckpointError)
     assert "NaN or infinite weights" in str(err)
@@ -243,9 +248,9 @@ def test_defect5_model_carries_its_settings_and_other_settings_are_refused(tmp_p
     assert json.loads(json.dumps(settings)) == settings
     brats_case(tmp_path / "in", "P1")
     run = {"input_dir": str(tmp_path / "in"), "output_dir": str(tmp_path / "out")}
-    err = failure(workflow(tmp_path, **run, **{"network_def#pooling": "avg"}), CheckpointError)
+    err = failure(workflow(tmp_path, False, **run, **{"network_def#pooling": "avg"}), CheckpointError)
     assert 'network_def#pooling: checkpoint "max" vs this run "avg"' in str(err)
-    err = failure(workflow(tmp_path, **run, pixdim=[4.0, 4.0, 4.0],
+    err = failure(workflow(tmp_path, False, **run, pixdim=[4.0, 4.0, 4.0],
                            class_names={"1p19q": ["a", "b"], "idh": ["wildtype", "mutant"], "grade": ["LGG", "HGG"]}),
                   CheckpointError)
     assert "pixdim: checkpoint [8.0, 8.0, 8.0] vs this run [4.0, 4.0, 4.0]" in str(err) and "class_names" in str(err)

@@ -117,7 +117,7 @@ def test_defect4_t2w_orientation_does_not_change_predictions(small_case, tmp_pat
     """End to end through inference.yaml (demo settings, a tiny random network): probabilities and mask agree."""
     set_determinism(seed=0)
     wf = ConfigWorkflow(config_file=[str(CONFIGS / "inference.yaml"), str(CONFIGS / "demo.yaml")],
-                        workflow_type="infer", bundle_root=str(BUNDLE), **TINY)
+                        workflow_type="infer", bundle_root=str(BUNDLE), load_pretrain=False, **TINY)
     wf.initialize()
     ckpt = tmp_path / "models"
     ckpt.mkdir()

@@ -112,8 +112,8 @@ def _train(strategy: str, seed: int, run_dir: Path, config_file: Sequence[str], 
     dataset_dir = parser.get_parsed_content("dataset_dir")
     if os.path.abspath(dataset_dir) == os.path.abspath(parser.get_parsed_content("demo_dir")):
         ensure_demo_cohort(dataset_dir)
-    set_determinism(seed=seed)  # the network is built now, before the `training` list seeds the rest
-    trainer = parser.get_parsed_content("train#trainer")
+    trainer = parser.get_parsed_content("train#trainer")  # `initialize` seeded and built the network
+    set_determinism(seed=seed)  # seeded again before the run, as the ablation has always done (same results)
     timer = StepTimer(trainer.strategy)
     start = time.perf_counter()
     wf.run()

@@ -11,6 +11,8 @@ from pathlib import Path
 from typing import Any, Mapping
 
 import torch
+from ignite.engine import Engine
+from monai.handlers import CheckpointLoader
 from torch import nn
 
 _TMP_SUFFIX = ".tmp"
@@ -142,13 +144,12 @@ def settings_mismatch(saved: Mapping[str, Any], current: Mapping[str, Any], pref
     return lines
 
 
-def load_network_weights(network: nn.Module, path: str | os.PathLike,
-                         map_location: str | torch.device = "cpu", settings: Mapping[str, Any] | None = None
-                         ) -> nn.Module:
-    """Load a state_dict checkpoint (plain or under a `model` key) into `network`, refusing foreign
-    weights, non-finite weights and, when both the file and `settings` record them, a checkpoint
-    trained with other settings (network arguments, pixdim, spatial_size, channels, tasks, class names)."""
-    state = safe_load(path, map_location)
+def check_network_weights(network: nn.Module, state: Any, path: str | os.PathLike,
+                          settings: Mapping[str, Any] | None = None) -> Mapping[str, torch.Tensor]:
+    """The state_dict of a checkpoint read by `safe_load` (plain or under a `model` key), once it is
+    known to fit `network`: foreign weights, non-finite weights and, when both the file and `settings`
+    record them, a checkpoint trained with other settings (network arguments, pixdim, spatial_size,
+    channels, tasks, class names) raise CheckpointError naming the differences."""
     if isinstance(state, Mapping) and "model" in state and isinstance(state["model"], Mapping):
         state = state["model"]
     if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
@@ -172,8 +173,44 @@ def load_network_weights(network: nn.Module, path: str | os.PathLike,
     if bad:
         raise CheckpointError(f"checkpoint {os.fspath(path)!r} holds NaN or infinite weights in {_summarise(bad)}; "
                               "it cannot give meaningful predictions")
-    network.load_state_dict(state)
+    return state
+
+
+def load_network_weights(network: nn.Module, path: str | os.PathLike,
+                         map_location: str | torch.device = "cpu", settings: Mapping[str, Any] | None = None
+                         ) -> nn.Module:
+    """Load a state_dict checkpoint (plain or under a `model` key) into `network` after the checks
+    of `check_network_weights`."""
+    network.load_state_dict(check_network_weights(network, safe_load(path, map_location), path, settings))
     return network
+
+
+class CheckedCheckpointLoader(CheckpointLoader):
+    """MONAI's `CheckpointLoader` for the bundle's model.pt (strict, `torch.load(weights_only=True)`),
+    which first refuses, with a readable `CheckpointError`, a file that is missing, unreadable, of
+    another network, with non-finite weights or trained with other `settings` (see
+    `check_network_weights`).
+
+    `load_dict` holds the network under one key (`{"model": network}`). Called with an engine it acts as
+    the MONAI handler; called without one (`loader()`, as the configs' `initialize` does) it loads the
+    weights right away, before any engine is built.
+    """
+
+    def __init__(self, load_path: str | os.PathLike, load_dict: dict, settings: Mapping[str, Any] | None = None,
+                 map_location: Any = None, name: str | None = __name__) -> None:
+        if len(load_dict) != 1 or not isinstance(next(iter(load_dict.values())), nn.Module):
+            raise ValueError("CheckedCheckpointLoader loads one network: load_dict={'model': network}")
+        super().__init__(load_path=os.fspath(load_path), load_dict=load_dict, name=name, map_location=map_location,
+                         strict=True, strict_shape=True)
+        self.settings = settings
+
+    def __call__(self, engine: Engine | None = None) -> None:
+        if not os.path.isfile(self.load_path):
+            raise CheckpointError(f"no checkpoint at {self.load_path!r}: train first, or give --ckpt_path "
+                                  "(inference.yaml, evaluate.yaml) or --load_pretrain false")
+        network = next(iter(self.load_dict.values()))
+        check_network_weights(network, safe_load(self.load_path, "cpu"), self.load_path, self.settings)
+        super().__call__(engine if engine is not None else Engine(lambda e, b: None))  # a bare engine: weights only
 
 
 def non_finite(state: Mapping[str, torch.Tensor]) -> list[str]:
