@@ -54,6 +54,8 @@ def test_paired_difference_is_a_seeded_percentile_bootstrap():
     assert mean == pytest.approx(0.4) and 0.0 <= low < mean < high <= 1.0
     assert paired_difference([0.0, 1.0, 0.5, 0.1]) == (mean, low, high)          # fixed seed
     assert all(math.isnan(v) for v in paired_difference([]))
+    mean, low, high = paired_difference([0.1, 0.3])                              # too few pairs: no interval
+    assert mean == pytest.approx(0.2) and math.isnan(low) and math.isnan(high)
 
 
 def test_summary_pairs_seeds_with_equal():
@@ -61,12 +63,12 @@ def test_summary_pairs_seeds_with_equal():
         return {"strategy": strategy, "seed": seed, "tasks": ["idh"], "test": {"mean_macro_f1": f1, "dice": 0.5},
                 "conflict_fraction": 0.25, "s_per_it": 1.0}
 
-    results = [run("equal", 0, 0.5), run("equal", 1, 0.7), run("igreg", 0, 0.6), run("igreg", 1, 0.9),
-               run("igreg", 2, 0.1)]                                            # seed 2 has no equal run
+    results = [run("equal", 0, 0.5), run("equal", 1, 0.7), run("equal", 2, 0.6), run("igreg", 0, 0.6),
+               run("igreg", 1, 0.9), run("igreg", 2, 0.7), run("igreg", 3, 0.1)]     # seed 3 has no equal run
     equal, igreg = summarize(results)
     assert equal["pairs"] == 0 and math.isnan(equal["delta_f1_mean"])
-    assert igreg["seeds"] == 3 and igreg["pairs"] == 2 and igreg["delta_f1_mean"] == pytest.approx(0.15)
-    assert igreg["mean_macro_f1_mean"] == pytest.approx(1.6 / 3) and igreg["dice_std"] == 0
+    assert igreg["seeds"] == 4 and igreg["pairs"] == 3 and igreg["delta_f1_mean"] == pytest.approx(0.4 / 3)
+    assert igreg["mean_macro_f1_mean"] == pytest.approx(2.3 / 4) and igreg["dice_std"] == 0
     assert (igreg["delta_f1_ci_low"], igreg["delta_f1_ci_high"]) == pytest.approx((0.1, 0.2))
 
 
@@ -110,5 +112,5 @@ def test_ablation_trains_tests_tables_and_skips_finished_runs(cohort, tmp_path, 
         sum(results[("pcgrad", s)]["test"]["mean_macro_f1"] for s in (0, 1)) / 2)
     table = (out / "ablation.md").read_text().splitlines()
     assert table[0].startswith("| strategy | seeds | 1p19q F1 | 1p19q AUC") and len(table) == 4
-    assert "Δ mean F1 vs equal" in table[0] and "(n=2)" in table[3] and "(n=" not in table[2]
+    assert "Δ mean F1 vs equal" in table[0] and "(n=2, too few pairs for an interval)" in table[3] and "(n=" not in table[2]
     assert (out / "ablation_f1.png").read_bytes()[:4] == b"\x89PNG"

@@ -185,12 +185,17 @@ def run_names(tasks: Sequence[str]) -> list[str]:
     return ["conflict_fraction", *[f"sign_agree_{t}" for t in [*tasks, "seg"]], "s_per_it"]
 
 
+MIN_PAIRS = 3  # fewer seed pairs give no interval: a bootstrap of 1 or 2 values only repeats them
+
+
 def paired_difference(diffs: Sequence[float], resamples: int = 10_000, seed: int = 0) -> tuple[float, float, float]:
     """Mean of per-seed differences and its 95% percentile bootstrap interval (seeds resampled with
-    replacement, a fixed numpy seed)."""
+    replacement, a fixed numpy seed); the interval is NaN with fewer than `MIN_PAIRS` pairs."""
     d = np.asarray(diffs, dtype=float)
     if d.size == 0:
         return float("nan"), float("nan"), float("nan")
+    if d.size < MIN_PAIRS:
+        return float(d.mean()), float("nan"), float("nan")
     means = d[np.random.default_rng(seed).integers(0, d.size, (resamples, d.size))].mean(1)
     return float(d.mean()), float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
 
@@ -233,6 +238,8 @@ def _delta_cell(row: dict[str, Any]) -> str:
     """Paired difference with its interval and n pairs; blank without pairs (the reference)."""
     if not row["pairs"]:
         return ""
+    if np.isnan(row["delta_f1_ci_low"]):
+        return f"{row['delta_f1_mean']:+.3f} (n={row['pairs']}, too few pairs for an interval)"
     return f"{row['delta_f1_mean']:+.3f} [{row['delta_f1_ci_low']:+.3f}, {row['delta_f1_ci_high']:+.3f}] " \
            f"(n={row['pairs']})"
 
@@ -281,9 +288,10 @@ def _plot_differences(table: Sequence[dict[str, Any]], ax: Any, reference: str) 
     mean = np.array([r["delta_f1_mean"] for r in rows], dtype=float)
     low = np.array([r["delta_f1_ci_low"] for r in rows], dtype=float)
     high = np.array([r["delta_f1_ci_high"] for r in rows], dtype=float)
-    ax.errorbar(mean, y, xerr=[mean - low, high - mean], fmt="o", capsize=3)
+    ax.errorbar(mean, y, xerr=np.nan_to_num([mean - low, high - mean]), fmt="o", capsize=3)
     ax.axvline(0, color="grey", lw=1)
-    ax.set_yticks(y, [f"{r['strategy']} (n={r['pairs']})" for r in rows])
+    ax.set_yticks(y, [f"{r['strategy']} (n={r['pairs']}{'' if np.isfinite(lo) else ', no interval'})"
+                      for r, lo in zip(rows, low)])
     ax.set_xlabel(f"test mean macro-F1 − {reference} (paired, 95% CI)")
     ax.grid(alpha=0.3)
 
