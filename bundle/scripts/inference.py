@@ -261,17 +261,6 @@ class SplitPredictiond(MapTransform):
         return d
 
 
-class CaseFilenamed(MapTransform):
-    """Name the MetaTensors under `keys` after the case (`output_name` plus `.nii.gz`, so that a
-    writer stripping the extension keeps the whole name)."""
-
-    def __call__(self, data: Mapping[Hashable, Any]) -> dict:
-        d = dict(data)
-        for key in self.key_iterator(d):
-            d[key].meta["filename_or_obj"] = output_name(d) + ".nii.gz"
-        return d
-
-
 def _atomic_write(path: Path, write: Any) -> None:
     tmp = path.with_name(f".tmp.{os.getpid()}.{path.name}")  # keeps the extension nibabel reads
     try:
