@@ -48,6 +48,7 @@ from scripts.mtl.base import MTLStrategy
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 BUNDLE = Path(__file__).resolve().parents[1]
 DEFAULT_STRATEGIES = ("igreg", "igreg_no_dpa", "igreg_no_stdgp", "equal", "uncertainty", "pcgrad", "cagrad")
@@ -293,6 +294,7 @@ def _plot_differences(table: Sequence[dict[str, Any]], ax: Any, reference: str) 
     ax.set_yticks(y, [f"{r['strategy']} (n={r['pairs']}{'' if np.isfinite(lo) else ', no interval'})"
                       for r, lo in zip(rows, low)])
     ax.set_xlabel(f"test mean macro-F1 − {reference} (paired, 95% CI)")
+    ax.xaxis.set_major_locator(MaxNLocator(nbins=5))                      # tick labels that do not touch
     ax.grid(alpha=0.3)
 
 
