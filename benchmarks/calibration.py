@@ -1,13 +1,13 @@
 """Temperature scaling of trained models: per seed, copy the run's model.pt, fit the temperatures on
 the validation split (`--calibrate true`, stored in the copy), then evaluate the copy on the testing
-split and read each task's ECE before (raw) and after (temperature-scaled) from its metrics.json.
+split and read each task's ECE and NLL before (raw) and after (temperature-scaled) from its metrics.json.
 The runs' own files are never written.
 
 Prints one JSON line per seed, then the mean ± sample standard deviation over the seeds as a
 Markdown table; `--output` also gets `calibration.json` (every figure) and the seeds' reports.
 
     OMP_NUM_THREADS=1 python benchmarks/calibration.py --runs bundle/eval/ablation/igreg --seeds 0 1 2 3 4 \\
-        --output /tmp/igreg_calibration
+        --output "$(mktemp -d)"
 """
 
 from __future__ import annotations
@@ -53,6 +53,7 @@ def calibrate_seed(run_dir: Path, work: Path, overrides: dict[str, Any]) -> dict
             "val_ece_before": val["calibration"]["ece_before"], "val_ece_after": val["calibration"]["ece_after"],
             "test_ece_before": {t: test["tasks"][t]["ece"] for t in tasks},
             "test_ece_after": {t: test["tasks"][t].get("ece_calibrated") for t in tasks},
+            "test_nll_before": test["calibration"]["nll_before"], "test_nll_after": test["calibration"]["nll_after"],
             "test_n": {t: test["tasks"][t]["n"] for t in tasks}}
 
 
@@ -63,14 +64,20 @@ def _mean_sd(values: Sequence[float]) -> str:
 
 
 def table(results: dict[int, dict[str, Any]]) -> str:
-    """Markdown: per task, the temperature and the test ECE before and after, mean ± sd over the seeds."""
+    """Markdown: per task, the temperature and the test ECE and NLL before and after (mean ± sd over the
+    seeds), and the number of seeds whose score the temperature lowered."""
     tasks = list(next(iter(results.values()))["test_ece_before"])
-    lines = ["| task | T (fitted on validation) | test ECE before | test ECE after |", "|---|---|---|---|"]
+    lines = ["| task | T (fitted on validation) | test ECE before | test ECE after | seeds with a lower ECE | "
+             "test NLL before | test NLL after | seeds with a lower NLL |", "|---|---|---|---|---|---|---|---|"]
+    runs = list(results.values())
     for t in tasks:
-        runs = list(results.values())
-        lines.append(f"| {t} | {_mean_sd([r['temperature'].get(t) for r in runs])} | "
-                     f"{_mean_sd([r['test_ece_before'][t] for r in runs])} | "
-                     f"{_mean_sd([r['test_ece_after'][t] for r in runs])} |")
+        cells = [_mean_sd([r[key].get(t) for r in runs]) for key in ("temperature", "test_ece_before",
+                                                                     "test_ece_after", "test_nll_before",
+                                                                     "test_nll_after")]
+        for i, name in ((3, "ece"), (6, "nll")):
+            pairs = [(r[f"test_{name}_before"][t], r[f"test_{name}_after"].get(t)) for r in runs]
+            cells.insert(i, f"{sum(a is not None and a < b for b, a in pairs)} of {len(pairs)}")
+        lines.append(f"| {t} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 

@@ -192,8 +192,9 @@ class Calibration:
     def update_report(self, report: dict[str, Any], probs: np.ndarray, labels: np.ndarray,
                       tasks: Sequence[str]) -> dict[str, dict[str, Any]]:
         """Add `ece` and `reliability` (raw probabilities) to each task of `report["tasks"]`, with
-        `ece_calibrated` when temperatures apply, and `report["calibration"]`; returns, per task, the
-        reliability tables to plot (`raw`, and `calibrated` when temperatures apply)."""
+        `ece_calibrated` when temperatures apply, and `report["calibration"]` (temperatures, ECE and
+        NLL before/after); returns, per task, the reliability tables to plot (`raw`, and `calibrated`
+        when temperatures apply)."""
         temperatures = read_temperatures(self.ckpt_path) or {}
         summary: dict[str, Any] = {"bins": self.bins, "note": "each task's `ece` is of the network's probabilities; "
                                    "`ece_calibrated` (`ece_after`) of them with the temperatures below"}
@@ -203,6 +204,7 @@ class Calibration:
         elif temperatures:
             summary["stored"] = read_calibration(self.ckpt_path)
         tables: dict[str, dict[str, Any]] = {}
+        nlls: dict[str, tuple[float, float]] = {}
         for i, task in enumerate(tasks):
             if task not in report["tasks"]:
                 continue
@@ -213,9 +215,14 @@ class Calibration:
                 cal = reliability(apply_temperature(probs[:, i], temperatures[task]), labels[:, i], self.bins)
                 tables[task]["calibrated"] = cal
                 report["tasks"][task]["ece_calibrated"] = cal["ece"]
+                keep = labels[:, i] >= 0
+                logits, y = probs_to_logits(probs[keep, i]), torch.as_tensor(labels[keep, i])
+                nlls[task] = (nll(logits, y), nll(logits, y, temperatures[task]))
         summary["temperature"] = {t: temperatures[t] for t in tasks if t in temperatures}
         summary["ece_before"] = {t: r["raw"]["ece"] for t, r in tables.items()}
         summary["ece_after"] = {t: r["calibrated"]["ece"] for t, r in tables.items() if "calibrated" in r}
+        summary["nll_before"] = {t: v[0] for t, v in nlls.items()}
+        summary["nll_after"] = {t: v[1] for t, v in nlls.items()}
         report["calibration"] = summary
         if self.fit:
             self._store(summary)
@@ -225,6 +232,7 @@ class Calibration:
         if not summary["temperature"]:
             logger.warning(f"calibration: no task could be calibrated; {self.ckpt_path} is left unchanged")
             return
-        record = {k: summary[k] for k in ("temperature", "bins", "ece_before", "ece_after", "skipped")}
+        record = {k: summary[k] for k in ("temperature", "bins", "ece_before", "ece_after", "nll_before", "nll_after",
+                                          "skipped")}
         store_calibration(self.ckpt_path, {**record, "split": self.split})
         logger.info(f"calibration: temperatures {summary['temperature']} stored in {Path(self.ckpt_path)}")

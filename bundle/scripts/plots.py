@@ -63,12 +63,13 @@ def plot_reliability_diagrams(tables: Mapping[str, Mapping[str, Any]], path: str
                 ax.bar(b["lower"], b["accuracy"], width=width, align="edge", color="tab:blue", alpha=0.6,
                        edgecolor="black", lw=0.5)
                 ax.text(b["lower"] + width / 2, b["accuracy"] + 0.02, str(b["count"]), ha="center", fontsize=7)
+        ax.bar([], [], color="tab:blue", alpha=0.6, label="accuracy per bin (count above)")
         cal = tables[task].get("calibrated")
         if cal is not None:
             pts = [(b["confidence"], b["accuracy"]) for b in cal["bins"] if b["count"]]
-            ax.plot(*zip(*pts), "o", color="tab:orange", label="temperature-scaled")
-            ax.legend(loc="upper left", fontsize=8)
+            ax.plot(*zip(*pts), "o", color="tab:orange", label="temperature-scaled (at mean confidence)")
             title += f" (scaled {cal['ece']:.3f})"
+        ax.legend(loc="upper left", fontsize=7)
         ax.plot([0, 1], [0, 1], "--", color="grey", lw=1)
         ax.set(title=title, xlabel=f"confidence (n={raw['n']}, {len(raw['bins'])} bins)", ylabel="accuracy",
                xlim=(0, 1), ylim=(0, 1.08))
