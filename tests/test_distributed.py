@@ -193,4 +193,7 @@ def test_sharded_validation_equals_single_process_evaluation(torchrun, tmp_path)
     wf.initialize()
     wf.run()
     single = json.loads((tmp_path / "metrics.json").read_text())
+    single.pop("calibration")  # the evaluation's calibration additions, not part of the validation metric
+    for task in single["tasks"].values():
+        del task["ece"], task["reliability"]
     assert single["dice_cases"] == 5 and _same(r0["report"], single) and _same(r1["report"], single)

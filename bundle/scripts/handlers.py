@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from ignite.engine import Engine, Events
 
+from scripts.calibration import Calibration
 from scripts.checkpoint import (
     CheckpointError,
     atomic_save,
@@ -27,7 +28,7 @@ from scripts.checkpoint import (
     safe_load,
     with_settings,
 )
-from scripts.plots import plot_confusion_matrices, plot_roc_curves
+from scripts.plots import plot_confusion_matrices, plot_reliability_diagrams, plot_roc_curves
 
 logger = logging.getLogger(__name__)
 
@@ -278,10 +279,12 @@ class MetricsCSV:
 
 
 class EvaluationReport:
-    """At the end of an evaluation: `metrics.json` (full report) and PNG plots (ROC, confusion)."""
+    """At the end of an evaluation: `metrics.json` (full report, calibration included) and PNG plots
+    (ROC, confusion, reliability); `calibration` (default: ECE only) may also fit temperatures."""
 
-    def __init__(self, output_dir: str, tasks: Sequence[str]) -> None:
+    def __init__(self, output_dir: str, tasks: Sequence[str], calibration: Calibration | None = None) -> None:
         self.output_dir, self.tasks = Path(output_dir), list(tasks)
+        self.calibration = calibration if calibration is not None else Calibration()
 
     def attach(self, engine: Engine) -> None:
         engine.add_event_handler(Events.EPOCH_COMPLETED, self)
@@ -292,10 +295,12 @@ class EvaluationReport:
         self.output_dir.mkdir(parents=True, exist_ok=True)
         details = engine.state.metric_details
         report = details["report"]
+        tables = self.calibration.update_report(report, details["probs"], details["labels"], self.tasks)
         with open(self.output_dir / "metrics.json", "w") as f:
             json.dump(report, f, indent=2)
         plot_roc_curves(details["probs"], details["labels"], self.tasks, self.output_dir / "roc_curves.png")
         plot_confusion_matrices(report["tasks"], self.output_dir / "confusion_matrices.png")
+        plot_reliability_diagrams(tables, self.output_dir / "reliability_diagram.png")
         logger.info(f"evaluation report written to {self.output_dir}")
         logger.info(score_summary(report))
 

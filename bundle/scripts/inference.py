@@ -246,18 +246,25 @@ def _write_manifest(out: Path, names: Sequence[str]) -> None:
 
 class SplitPredictiond(MapTransform):
     """Turn the network's dict output under `pred` into `pred` = segmentation logits and
-    `probs` = {task: class probabilities}."""
+    `probs` = {task: class probabilities}. With `temperatures` ({task: T}, the calibration stored in
+    model.pt), a task's logits are divided by its T before the softmax, and `temperature` = {task: T}
+    is added for the writer to report."""
 
-    def __init__(self, keys: str = "pred", seg_key: str = "seg") -> None:
+    def __init__(self, keys: str = "pred", seg_key: str = "seg", temperatures: Mapping[str, float] | None = None
+                 ) -> None:
         super().__init__(keys)
         self.seg_key = seg_key
+        self.temperatures = {str(t): float(v) for t, v in (temperatures or {}).items()}
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict:
         d = dict(data)
         for key in self.key_iterator(d):
             out = d[key]
-            d["probs"] = {t: v.float().softmax(-1) for t, v in out.items() if t != self.seg_key}
+            temps = self.temperatures
+            d["probs"] = {t: (v.float() / temps.get(t, 1.0)).softmax(-1) for t, v in out.items() if t != self.seg_key}
             d[key] = out[self.seg_key]
+            if temps:
+                d["temperature"] = {t: temps[t] for t in d["probs"] if t in temps}
         return d
 
 
@@ -311,6 +318,9 @@ class PredictionWriter:
                 names = self.class_names.get(task)
                 result[task] = {"probabilities": [round(float(p), 6) for p in probs[task]], "class": cls,
                                 **({"class_name": names[cls]} if names else {})}
+            temps = out.get("temperature") if isinstance(out, Mapping) else None
+            if temps:  # probabilities of the temperature-scaled logits (docs/calibration.md)
+                result.update(calibrated=True, temperature={t: float(temps[t]) for t in self.tasks if t in temps})
             self.output_dir.mkdir(parents=True, exist_ok=True)
             mask = out.get(self.mask_key) if self.mask_key and isinstance(out, Mapping) else None
             if mask is not None:

@@ -1,4 +1,4 @@
-"""PNG figures of an evaluation: ROC curves and confusion matrices, one panel per task."""
+"""PNG figures of an evaluation: ROC curves, confusion matrices and reliability diagrams, one panel per task."""
 
 from __future__ import annotations
 
@@ -42,6 +42,37 @@ def plot_confusion_matrices(task_reports: Mapping[str, Mapping[str, Any]], path:
         for (r, c), v in np.ndenumerate(cm):
             ax.text(c, r, str(v), ha="center", va="center", color="white" if v > cm.max() / 2 else "black")
         ax.set(title=task, xlabel="predicted", ylabel="true", xticks=range(len(cm)), yticks=range(len(cm)))
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def plot_reliability_diagrams(tables: Mapping[str, Mapping[str, Any]], path: str | Path) -> None:
+    """Reliability diagram of each task: accuracy against mean confidence per confidence bin (bars,
+    with the case count above each), the diagonal of perfect calibration and the ECE in the title.
+    `tables[task]["raw"]` (and `["calibrated"]` when temperatures apply) are `scripts.calibration.reliability`
+    results; the calibrated bins are drawn as points."""
+    tasks = list(tables)
+    fig, axes = plt.subplots(1, max(1, len(tasks)), figsize=(4 * max(1, len(tasks)), 4), squeeze=False)
+    for task, ax in zip(tasks, axes[0]):
+        raw = tables[task]["raw"]
+        title = f"{task}: ECE {raw['ece']:.3f}"
+        for b in raw["bins"]:
+            if b["count"]:
+                width = b["upper"] - b["lower"]
+                ax.bar(b["lower"], b["accuracy"], width=width, align="edge", color="tab:blue", alpha=0.6,
+                       edgecolor="black", lw=0.5)
+                ax.text(b["lower"] + width / 2, b["accuracy"] + 0.02, str(b["count"]), ha="center", fontsize=7)
+        ax.bar([], [], color="tab:blue", alpha=0.6, label="accuracy per bin (count above)")
+        cal = tables[task].get("calibrated")
+        if cal is not None:
+            pts = [(b["confidence"], b["accuracy"]) for b in cal["bins"] if b["count"]]
+            ax.plot(*zip(*pts), "o", color="tab:orange", label="temperature-scaled (at mean confidence)")
+            title += f" (scaled {cal['ece']:.3f})"
+        ax.legend(loc="upper left", fontsize=7)
+        ax.plot([0, 1], [0, 1], "--", color="grey", lw=1)
+        ax.set(title=title, xlabel=f"confidence (n={raw['n']}, {len(raw['bins'])} bins)", ylabel="accuracy",
+               xlim=(0, 1), ylim=(0, 1.08))
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
