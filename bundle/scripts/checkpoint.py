@@ -16,6 +16,7 @@ from monai.handlers import CheckpointLoader
 from torch import nn
 
 _TMP_SUFFIX = ".tmp"
+FILE_MODE = 0o644  # checkpoints: readable by the other users of a shared folder, not tempfile's 0600
 SETTINGS_KEY = "igreg_settings"  # model.pt: torch.load(path, weights_only=True)._metadata[SETTINGS_KEY]
 logger = logging.getLogger(__name__)
 
@@ -27,7 +28,8 @@ class CheckpointError(RuntimeError):
 def atomic_save(obj: Any, path: str | os.PathLike) -> None:
     """Write `obj` with torch.save so that `path` holds either the old or the new file, never half.
 
-    The bytes go to a temporary file in the same folder, are flushed and fsynced, then renamed.
+    The bytes go to a temporary file in the same folder, are flushed and fsynced, then renamed; the
+    file is readable by all (mode 0644). The training state's writer (model.pt: `scripts.savers`).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -36,16 +38,22 @@ def atomic_save(obj: Any, path: str | os.PathLike) -> None:
         with os.fdopen(fd, "wb") as f:
             torch.save(obj, f)
             f.flush()
+            os.fchmod(f.fileno(), FILE_MODE)
             os.fsync(f.fileno())
         os.replace(tmp, path)
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+        sync_folder(path.parent)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def sync_folder(folder: str | os.PathLike) -> None:
+    """fsync `folder`, so that a rename in it survives a power cut."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def remove_temporaries(path: str | os.PathLike) -> None:

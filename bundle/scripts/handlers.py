@@ -26,9 +26,9 @@ from scripts.checkpoint import (
     describe_mismatch,
     remove_temporaries,
     safe_load,
-    with_settings,
 )
 from scripts.plots import plot_confusion_matrices, plot_reliability_diagrams, plot_roc_curves
+from scripts.savers import ModelFile
 
 logger = logging.getLogger(__name__)
 
@@ -56,19 +56,32 @@ def append_csv_row(path: Path, row: dict[str, Any], tag: Any) -> Path:
 
 
 class BestModelSaver:
-    """After each validation that improves the key metric, save the network's state_dict (only)."""
+    """After each validation that improves the key metric, save the network's state_dict (only) with
+    the settings record: ignite's `Checkpoint` on an atomic `DiskSaver` (`scripts.savers.ModelFile`), rank 0.
+
+    "Improves" is the evaluator's own decision (`best_metric_epoch` is this epoch), whose best score
+    `TrainingState` restores on resume. Not MONAI's `CheckpointSaver(save_key_metric=True)`: it writes
+    through a non-atomic `DiskSaver`, and its own record of the best score starts empty after a resume,
+    so the first validation after one would replace model.pt whatever its score.
+    """
 
     def __init__(self, network: torch.nn.Module, save_dir: str, filename: str = "model.pt",
                  settings: dict[str, Any] | None = None) -> None:
-        self.network, self.path, self.settings = network, Path(save_dir) / filename, settings
+        self.file = ModelFile(network, save_dir, filename, settings)
+        self.path = self.file.path
 
     def attach(self, engine: Engine) -> None:
-        engine.add_event_handler(Events.EPOCH_COMPLETED, self)
+        engine.add_event_handler(Events.EPOCH_COMPLETED(event_filter=_improved), self)
 
     def __call__(self, engine: Engine) -> None:
-        if engine.state.best_metric_epoch == engine.state.epoch and _is_writer():
-            atomic_save(with_settings(self.network.state_dict(), self.settings), self.path)
+        self.file(engine)
+        if _is_writer():
             logger.info(f"saved best model ({engine.state.best_metric:.4f}) to {self.path}")
+
+
+def _improved(engine: Engine, event: int) -> bool:
+    """The validation that just ended gave the best key metric so far."""
+    return engine.state.best_metric_epoch == engine.state.epoch
 
 
 def _rng_state() -> dict[str, Any]:
@@ -101,6 +114,12 @@ class TrainingState:
     first moves the current file aside to `<name>.prev.pt`; at start the newest readable of the two
     is used (a damaged newest file is reported, then overwritten by the next save), and neither being
     readable is a `CheckpointError`.
+
+    Ours, not ignite's `Checkpoint`/MONAI's `CheckpointSaver`: exact resume needs the RNG states, the
+    sampler position and the skipped-update counts (no `state_dict` objects of their own), saves within
+    an epoch deferred past the validation at its end, one fixed file rotated to `.prev.pt` with a
+    fallback when the newest is damaged, and a load that checks the state and keeps this run's options.
+    Its writes go through `atomic_save` (temporary file, fsync, rename, mode 0644).
     """
 
     def __init__(self, strategy: torch.nn.Module, lr_schedule: Any, ckpt_dir: str, save_every: int = 50,
@@ -225,12 +244,14 @@ class TrainingState:
 class LastModelSaver:
     """Without validation cases, `BestModelSaver` never runs: then save the last model as
     `model.pt` after every epoch (said in the log once); and a run that ends without a model.pt
-    saves its last model, so that a training never ends without one."""
+    saves its last model, so that a training never ends without one. Written as `BestModelSaver`
+    writes (`scripts.savers.ModelFile`)."""
 
     def __init__(self, network: torch.nn.Module, save_dir: str, evaluator: Engine | None = None,
                  validation_cases: int | None = None, filename: str = "model.pt",
                  settings: dict[str, Any] | None = None) -> None:
-        self.network, self.path, self.settings = network, Path(save_dir) / filename, settings
+        self.file = ModelFile(network, save_dir, filename, settings)
+        self.path = self.file.path
         self.evaluator, self.validation_cases = evaluator, validation_cases
         self.said = False
 
@@ -251,14 +272,14 @@ class LastModelSaver:
             logger.warning(f"no validation cases: {self.path} is the last model (saved after every epoch), "
                            "not the best one")
             self.said = True
-        atomic_save(with_settings(self.network.state_dict(), self.settings), self.path)
+        self.file(engine)
 
     def check(self, engine: Engine) -> None:
         """At the end: a training that wrote no model.pt (no validation ran, e.g. `val_interval` above
         `epochs`, or none gave a finite score) saves its last model, saying so."""
         if _is_writer() and not self.path.exists():
             logger.warning(f"no validation chose a best model: {self.path} is the last model")
-            atomic_save(with_settings(self.network.state_dict(), self.settings), self.path)
+            self.file(engine)
 
 
 class MetricsCSV:
