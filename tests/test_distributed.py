@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import ignite.distributed as idist
 import pytest
 import torch
 import torch.distributed as dist
@@ -21,7 +22,7 @@ from torch import nn
 import scripts.checkpoint  # noqa: F401  (evaluate.yaml calls it without importing it)
 from scripts.data import generate_cohort
 from scripts.diagnostics import conflict_stats
-from scripts.distributed import average_across_ranks, broadcast_module, rank_zero_first, sync_buffers
+from scripts.distributed import average_across_ranks, broadcast_module, sync_buffers
 from scripts.metrics import MultiTaskMetric
 from scripts.mtl.base import non_finite_names, share_gradients
 
@@ -89,14 +90,14 @@ def _worker(rank: int, folder: str) -> None:
         assert conflict_stats(grads, ["a", "b"]).conflict_fraction == (0.0 if rank == 0 else 1.0)
         average_across_ranks([grads])
         assert conflict_stats(grads, ["a", "b"]).conflict_fraction == 1.0
-        # rank 0 first: rank 1 finds what rank 0 created
+        # rank 0 first (as multi_gpu_train.yaml's prepare_cohort): rank 1 finds what rank 0 created
         marker = Path(folder) / "made_by_rank_0"
 
         def make_marker() -> bool:
             existed = marker.exists()
             marker.touch()
             return existed
-        assert rank_zero_first(make_marker) == (rank == 1)
+        assert idist.one_rank_first()(make_marker)() == (rank == 1)
         # validation metrics of unequal shards, one without any mask, equal those of one process
         shard = {"pred": {k: v[shards[rank]] for k, v in batch["pred"].items()},
                  "label": {k: v[shards[rank]] for k, v in batch["label"].items()}}
@@ -120,7 +121,8 @@ def test_multi_gpu_config_keeps_the_training_steps():
     assert "training" not in multi and "run" not in multi and train["run"] == "@training"
     assert multi["initialize"][-len(train["initialize"]):] == train["initialize"]
     assert any("init_process_group" in s for s in multi["initialize"][:-len(train["initialize"])])
-    assert "rank_zero_first(scripts.data.ensure_demo_cohort" in multi["prepare_cohort"]
+    assert "idist.one_rank_first()(scripts.data.ensure_demo_cohort)(folder)" in multi["prepare_cohort"]
+    assert "$import ignite.distributed as idist" in multi["initialize"][:-len(train["initialize"])]
     assert "broadcast_module(@strategy)" in multi["train#trainer#strategy"]
 
 

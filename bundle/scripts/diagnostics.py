@@ -14,12 +14,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import List
 
+import ignite.distributed as idist
 import torch
 from ignite.engine import Engine, Events
 from torch import Tensor
 from torch.utils.tensorboard import SummaryWriter
 
-from scripts.distributed import average_across_ranks, rank
+from scripts.distributed import average_across_ranks
 from scripts.engine import prepare_batch
 from scripts.handlers import append_csv_row
 from scripts.mtl.base import BatchLayout, MTLStrategy, main_part
@@ -141,7 +142,7 @@ class GradientConflictLogger:
         names = [*self.strategy.network.tasks, "seg"]
         update = trunk_vector(self.strategy) - before
         row = {**conflict_stats(grads, names).row(), **sign_agreement(grads, update, names)}
-        if rank() != 0:
+        if idist.get_rank() != 0:
             return
         self.output_dir.mkdir(parents=True, exist_ok=True)
         if self.writer is None:

@@ -24,13 +24,14 @@ from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, List, Sequence
 
+import ignite.distributed as idist
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn import Parameter
 from torch.optim import Optimizer
 
-from scripts.distributed import average_across_ranks, world_size
+from scripts.distributed import average_across_ranks
 from scripts.networks import IGRegNet
 from scripts.objective import segmentation_loss
 
@@ -41,7 +42,7 @@ def average_with_terms(tensors: Sequence[Tensor], terms: dict[str, Tensor]) -> d
     """`average_across_ranks(tensors)`, and `terms` to check: under torch.distributed with several
     ranks they gain "any_rank", NaN when a term of some rank is not finite, so that
     `non_finite_names` answers the same on every rank (the averaged tensors already agree)."""
-    if world_size() == 1 or not terms:
+    if idist.get_world_size() == 1 or not terms:
         average_across_ranks(tensors)
         return terms
     flag = torch.stack([torch.isfinite(v.detach()).all() for v in terms.values()]).all().logical_not().float()
@@ -54,7 +55,7 @@ def share_gradients(params: Sequence[Parameter], terms: dict[str, Tensor]) -> tu
     """The gradients that `params` hold, averaged across ranks (in place), and the terms to check
     (see `average_with_terms`). Under torch.distributed with several ranks a parameter without a
     gradient counts as zero on this rank, and keeps none when no rank has one, as in one process."""
-    if world_size() == 1 or not params:
+    if idist.get_world_size() == 1 or not params:
         return [p.grad for p in params if p.grad is not None], terms
     used = torch.tensor([p.grad is not None for p in params], dtype=torch.float32).to(params[0].device)
     for p in params:

@@ -6,10 +6,11 @@ from __future__ import annotations
 import random
 from typing import Iterable, List
 
+import ignite.distributed as idist
 import torch
 from torch import Tensor, nn
 
-from scripts.distributed import broadcast_module, rank
+from scripts.distributed import broadcast_module
 from scripts.dpa import KMEANS, PrototypeBank, VoxelPool, mask_to_grid
 from scripts.mtl.base import (
     BatchLayout,
@@ -112,7 +113,7 @@ class IGReg(MTLStrategy):
         and the BatchNorm statistics its forward passes moved) to the other ranks."""
         if not self.use_dpa or bool(self.dpa.initialized):
             return
-        if rank() == 0:
+        if idist.get_rank() == 0:
             self._kmeans_prototypes(seg_batches)
         broadcast_module(self)
 
