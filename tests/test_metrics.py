@@ -6,7 +6,7 @@ import pytest
 import torch
 from ignite.engine import Engine
 
-from scripts.metrics import MultiTaskMetric, classification_report, dice_per_case
+from scripts.metrics import MultiTaskMetric, classification_report
 
 
 def test_classification_report_matches_hand_counts():
@@ -28,15 +28,31 @@ def test_auc_is_nan_with_one_class():
     assert math.isnan(r["roc_auc"]) and r["accuracy"] == 0.5
 
 
-def test_dice_per_case():
-    a = torch.zeros(3, 1, 4, 4, 4)
-    b = torch.zeros(3, 1, 4, 4, 4)
-    a[0, :, :2] = 1
-    b[0, :, :2] = 1          # identical -> 1
-    a[1, :, :2] = 1
-    b[1, :, 1:3] = 1         # half overlap -> 0.5
-    d = dice_per_case(a, b)  # case 2 empty in both -> 1
-    assert torch.allclose(d, torch.tensor([1.0, 0.5, 1.0]), atol=1e-5)
+def _dice_report(pred_masks: torch.Tensor, true_masks: torch.Tensor) -> dict:
+    """The metric's report for cases of one task (label -1: only the masks count) with these masks."""
+    n = len(pred_masks)
+    engine = Engine(lambda e, b: b)
+    engine.state.metric_details = {}
+    MultiTaskMetric(["a"], output_transform=lambda out: (out["pred"], out["label"])).attach(engine, "score")
+    seg_logits = torch.stack([1 - pred_masks, pred_masks], 1).float()  # argmax: the predicted mask
+    batch = {"pred": {"a": torch.zeros(n, 2), "seg": seg_logits},
+             "label": {"label": torch.full((n, 1), -1), "seg": true_masks.unsqueeze(1),
+                       "has_seg": torch.ones(n, dtype=torch.bool)}}
+    engine.run([batch], max_epochs=1)
+    return engine.state.metric_details["report"]
+
+
+def test_dice_of_each_case_with_empty_masks():
+    pred, true = torch.zeros(5, 4, 4, 4), torch.zeros(5, 4, 4, 4)
+    pred[0, :2] = true[0, :2] = 1  # identical -> 1
+    pred[1, :2] = 1
+    true[1, 1:3] = 1               # half overlap -> 0.5
+    #                                case 2: both empty -> 1
+    pred[3, :2] = 1                # case 3: tumor predicted where there is none -> 0
+    true[4, :2] = 1                # case 4: tumor missed -> 0
+    report = _dice_report(pred, true)
+    assert report["dice_cases"] == 5 and report["dice"] == pytest.approx((1 + 0.5 + 1 + 0 + 0) / 5, abs=1e-6)
+    assert _dice_report(pred[2:3], true[2:3])["dice"] == 1.0  # not NaN: an empty case counts as a perfect one
 
 
 def _logits(p1):

@@ -1,7 +1,8 @@
 """Validation metrics of the multi-task model: per-task classification scores and the tumor Dice.
 
-`MultiTaskMetric` is an Ignite metric that accumulates the evaluator's outputs, gathers them
-across ranks and reports one key score (mean Dice + mean macro-F1, the model-selection rule of
+`MultiTaskMetric` is an Ignite metric that accumulates the evaluator's outputs (the tumor Dice of
+each case by MONAI's `compute_dice`), gathers them across ranks (MONAI's `evenly_divisible_all_gather`)
+and reports one key score (mean Dice + mean macro-F1, the model-selection rule of
 the reference) plus a flat dict of scalars and a full report with confusion matrices.
 """
 
@@ -9,11 +10,12 @@ from __future__ import annotations
 
 from typing import Any, Callable, Sequence
 
-import ignite.distributed as idist
 import numpy as np
 import torch
 from ignite.engine import Engine
 from ignite.metrics import Metric
+from monai.metrics import compute_dice
+from monai.utils import evenly_divisible_all_gather
 from sklearn import metrics as skm
 
 
@@ -55,25 +57,6 @@ def classification_report(y_true: np.ndarray, prob: np.ndarray) -> dict[str, Any
     }
 
 
-def dice_per_case(pred: torch.Tensor, target: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    """Dice of binary masks `[B, 1, *S]` (or `[B, *S]`), one value per case; 1 when both are empty."""
-    pred, target = pred.flatten(1).float(), target.flatten(1).float()
-    inter = (pred * target).sum(1)
-    total = pred.sum(1) + target.sum(1)
-    return torch.where(total > 0, 2 * inter / (total + eps), torch.ones_like(total))
-
-
-def _gather(t: torch.Tensor) -> torch.Tensor:
-    """Concatenate a per-rank tensor of any length along dim 0 over all ranks."""
-    if idist.get_world_size() == 1:
-        return t
-    n = torch.tensor([t.shape[0]], device=t.device)
-    sizes = idist.all_gather(n)
-    pad = torch.zeros((int(sizes.max()) - t.shape[0], *t.shape[1:]), dtype=t.dtype, device=t.device)
-    full = idist.all_gather(torch.cat([t, pad]).unsqueeze(0))
-    return torch.cat([full[r, : int(s)] for r, s in enumerate(sizes)])
-
-
 def default_output_transform(output: dict) -> tuple[dict, dict]:
     """Evaluator output -> (predictions dict, targets dict)."""
     return output["pred"], output["label"]
@@ -105,14 +88,17 @@ class MultiTaskMetric(Metric):
         has_seg = target["has_seg"].bool()
         if has_seg.any():
             mask = pred["seg"].argmax(1, keepdim=True)[has_seg]
-            self._dice.append(dice_per_case(mask, target["seg"][has_seg] > 0.5).detach().cpu())
+            # one Dice per case; ignore_empty=False: 1 when both masks are empty, 0 for a mask without tumor
+            dice = compute_dice(mask, target["seg"][has_seg] > 0.5, include_background=True, ignore_empty=False)
+            self._dice.append(dice[:, 0].detach().cpu())
 
     def compute(self) -> float:
         t_count = len(self.tasks)  # every rank gathers, also one whose shard has no case (or no mask)
-        probs = _gather(torch.cat(self._probs).to(self._device) if self._probs else torch.zeros(0, t_count, 2))
-        labels = _gather(torch.cat(self._labels).to(self._device) if self._labels
-                         else torch.zeros(0, t_count, dtype=torch.long))
-        dice = _gather(torch.cat(self._dice).to(self._device) if self._dice else torch.zeros(0))
+        gather = evenly_divisible_all_gather  # shards of different lengths, concatenated in rank order
+        probs = gather(torch.cat(self._probs).to(self._device) if self._probs else torch.zeros(0, t_count, 2))
+        labels = gather(torch.cat(self._labels).to(self._device) if self._labels
+                        else torch.zeros(0, t_count, dtype=torch.long))
+        dice = gather(torch.cat(self._dice).to(self._device) if self._dice else torch.zeros(0))
         probs, labels = probs.cpu().numpy(), labels.cpu().numpy()
         self.gathered = {"probs": probs, "labels": labels}
         tasks = {}
