@@ -71,17 +71,14 @@ class BestModelSaver:
         self.path = self.file.path
 
     def attach(self, engine: Engine) -> None:
-        engine.add_event_handler(Events.EPOCH_COMPLETED(event_filter=_improved), self)
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self)
 
     def __call__(self, engine: Engine) -> None:
+        if engine.state.best_metric_epoch != engine.state.epoch:  # this validation did not improve it
+            return
         self.file(engine)
         if _is_writer():
             logger.info(f"saved best model ({engine.state.best_metric:.4f}) to {self.path}")
-
-
-def _improved(engine: Engine, event: int) -> bool:
-    """The validation that just ended gave the best key metric so far."""
-    return engine.state.best_metric_epoch == engine.state.epoch
 
 
 def _rng_state() -> dict[str, Any]:
