@@ -81,6 +81,13 @@ def _worker(rank: int, folder: str) -> None:
         bn.register_buffer("flag", torch.tensor(rank == 0))
         broadcast_module(bn)
         assert bn.weight.tolist() == [3.0, 3.0] and bool(bn.flag)
+        # channels-last weights, also those both contiguous and channels-last (1x1x1) and non-contiguous ones
+        convs = nn.Sequential(nn.Conv3d(4, 4, 1), nn.Conv3d(4, 4, 3)).to(memory_format=torch.channels_last_3d)
+        for conv in convs:
+            conv.weight.data.fill_(rank + 3.0)
+        broadcast_module(convs)
+        assert all(bool((conv.weight == 3.0).all()) for conv in convs)
+        assert not convs[1].weight.is_contiguous()
         bn.running_mean.fill_(rank)
         bn.num_batches_tracked.fill_(7 + rank)
         sync_buffers(bn)

@@ -45,7 +45,9 @@ def broadcast_module(module: nn.Module, src: int = 0) -> None:
         return
     for tensor in [*module.parameters(), *module.buffers()]:
         data = tensor.detach()
-        data.copy_(_broadcast_bytes(data.contiguous(), src))
+        received = _broadcast_bytes(data.contiguous(), src)
+        if received.data_ptr() != data.data_ptr():  # not received in place (a copy of a non-contiguous tensor)
+            data.copy_(received)
 
 
 @torch.no_grad()
