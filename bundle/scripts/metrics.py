@@ -15,7 +15,7 @@ import torch
 from ignite.engine import Engine
 from ignite.metrics import Metric
 from monai.metrics import compute_dice
-from monai.utils import evenly_divisible_all_gather
+from monai.utils import convert_to_tensor, evenly_divisible_all_gather
 from sklearn import metrics as skm
 
 
@@ -57,6 +57,12 @@ def classification_report(y_true: np.ndarray, prob: np.ndarray) -> dict[str, Any
     }
 
 
+def _plain(t: torch.Tensor) -> torch.Tensor:
+    """`t` on the CPU without MONAI's metadata: the rows of a batch's MetaTensor, gathered across ranks,
+    could not be sliced apart again."""
+    return convert_to_tensor(t.detach(), track_meta=False).cpu()
+
+
 def default_output_transform(output: dict) -> tuple[dict, dict]:
     """Evaluator output -> (predictions dict, targets dict)."""
     return output["pred"], output["label"]
@@ -83,14 +89,14 @@ class MultiTaskMetric(Metric):
 
     def update(self, output: tuple[dict, dict]) -> None:
         pred, target = output
-        self._probs.append(torch.stack([pred[t].float().softmax(1) for t in self.tasks], 1).detach().cpu())
-        self._labels.append(target["label"].detach().cpu())
+        self._probs.append(_plain(torch.stack([pred[t].float().softmax(1) for t in self.tasks], 1)))
+        self._labels.append(_plain(target["label"]))
         has_seg = target["has_seg"].bool()
         if has_seg.any():
             mask = pred["seg"].argmax(1, keepdim=True)[has_seg]
             # one Dice per case; ignore_empty=False: 1 when both masks are empty, 0 for a mask without tumor
             dice = compute_dice(mask, target["seg"][has_seg] > 0.5, include_background=True, ignore_empty=False)
-            self._dice.append(dice[:, 0].detach().cpu())
+            self._dice.append(_plain(dice[:, 0]))
 
     def compute(self) -> float:
         t_count = len(self.tasks)  # every rank gathers, also one whose shard has no case (or no mask)
