@@ -1,6 +1,7 @@
 """Saliency at inference (``--saliency true``): maps on each T1C file's own grid, the report and the index
 page, nothing without the flag, the overwrite manifest and the input checks covering the new files, and
 maps that depend on the model's weights."""
+import csv
 import json
 from pathlib import Path
 
@@ -15,6 +16,7 @@ from test_inference_safety import brain, save, workflow
 from scripts.inference import OutputExistsError, case_outputs, prepare_output_dir, report_path, saliency_path
 from scripts.networks import IGRegNet
 from scripts.saliency import SaliencyMaps, randomised_copy
+from scripts.saliency.sanity import mass_share, rank_correlation
 from scripts.saliency.transforms import SaliencyMapsd
 from scripts.saliency.writer import SaliencyWriter
 
@@ -147,3 +149,40 @@ def test_randomising_only_the_heads_changes_the_cam():
     a, _, _ = SaliencyMaps(net, TASKS)(x)
     b, _, _ = SaliencyMaps(heads_only, TASKS)(x)
     assert any(not torch.allclose(a[t], b[t], atol=1e-3) for t in TASKS)
+
+
+def test_sanity_measures():
+    brain_mask = np.ones((8, 8, 8))
+    tumour = np.zeros((8, 8, 8))
+    tumour[:2] = 1  # a quarter of the brain
+    focused = tumour * 1.0 + 0.01
+    mass, volume = mass_share(focused, tumour, brain_mask)
+    assert volume == pytest.approx(0.25) and mass == pytest.approx(128 * 1.01 / (128 * 1.01 + 384 * 0.01))
+    assert np.isnan(mass_share(np.zeros((8, 8, 8)), tumour, brain_mask)[0])  # no mass: undefined, not 0
+    image_only = np.random.default_rng(0).uniform(size=(8, 8, 8))  # a "map" that ignores the model
+    assert rank_correlation(image_only, image_only, brain_mask) == pytest.approx(1.0)
+    assert abs(rank_correlation(image_only, np.random.default_rng(1).uniform(size=(8, 8, 8)), brain_mask)) < 0.2
+
+
+def test_saliency_check_cli(tmp_path, capsys):
+    from test_inference_safety import TINY, checkpoint
+
+    from scripts.saliency_check import main
+
+    root = tmp_path / "in"
+    listed = cases(root)
+    mask = np.zeros((24, 24, 24), np.uint8)
+    mask[8:14, 8:14, 8:14] = 1
+    listed[0]["seg"] = save(root / "P1_seg.nii.gz", mask)
+    (tmp_path / "dl.json").write_text(json.dumps({"validation": listed}))
+    model = tmp_path / "strategy" / "seed_3" / "models" / "model.pt"
+    model.parent.mkdir(parents=True)
+    model.write_bytes(checkpoint(tmp_path).read_bytes())
+    main(str(model), datalist=str(tmp_path / "dl.json"), output=str(tmp_path / "check"), **TINY)
+    with open(tmp_path / "check.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["group"], r["seed"], r["task"], r["cases"]) for r in rows] == [("strategy", "3", t, "1") for t in TASKS]
+    for r in rows:
+        assert 0 <= float(r["pass"]) <= 1 and 0.03 < float(r["volume"]) < 0.12  # 6^3 of 16^3 voxels, resampled
+        assert float(r["rho_all"]) < 0.9  # the untrained tiny network's maps still follow its weights
+    assert "| strategy | idh | 1 |" in capsys.readouterr().out
