@@ -186,3 +186,17 @@ def test_saliency_check_cli(tmp_path, capsys):
         assert 0 <= float(r["pass"]) <= 1 and 0.03 < float(r["volume"]) < 0.12  # 6^3 of 16^3 voxels, resampled
         assert float(r["rho_all"]) < 0.9  # the untrained tiny network's maps still follow its weights
     assert "| strategy | idh | 1 |" in capsys.readouterr().out
+
+
+def test_bench_saliency_prints_one_json_line():
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    command = [sys.executable, str(REPO / "benchmarks" / "bench_saliency.py"), "--tiny", "--cases", "1",
+               "--threads", "1"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    assert report["cases"] == 1 and report["saliency_s_per_case"] > report["plain_s_per_case"] > 0
