@@ -34,7 +34,7 @@ from monai.bundle import ConfigParser
 from scripts.checkpoint import load_network_weights
 from scripts.data import load_datalist
 from scripts.data.transforms import preprocessing
-from scripts.saliency.maps import SaliencyMaps, randomised_copy
+from scripts.saliency.maps import DEFAULT_LAYER, SaliencyMaps, randomised_copy
 from scripts.saliency.sanity import CASCADE, mass_share, rank_correlation
 
 BUNDLE = Path(__file__).resolve().parents[1]
@@ -64,7 +64,7 @@ def model_label(path: str) -> tuple[str, str]:
 
 
 def check_model(network: torch.nn.Module, cases: Sequence[dict], tasks: Sequence[str], method: str,
-                margin: float, seed: int = 0) -> list[dict]:
+                margin: float, seed: int = 0, layer: str = DEFAULT_LAYER) -> list[dict]:
     """One row per task: the measures of the module docstring for `network` over `cases`."""
     stages = {name: randomised_copy(network, seed, layers) for name, layers in CASCADE.items()}
     per_task: dict[str, dict[str, list[float]]] = {t: {} for t in tasks}
@@ -72,8 +72,8 @@ def check_model(network: torch.nn.Module, cases: Sequence[dict], tasks: Sequence
         x = torch.as_tensor(case["image"]).as_subclass(torch.Tensor)[None].float()
         brain = (x[0, 0] != 0).numpy()
         tumour = torch.as_tensor(case["seg"]).as_subclass(torch.Tensor)[0].numpy()
-        trained, _, _ = SaliencyMaps(network, tasks, method)(x)
-        randomised = {name: SaliencyMaps(net, tasks, method)(x)[0] for name, net in stages.items()}
+        trained, _, _ = SaliencyMaps(network, tasks, method, layer)(x)
+        randomised = {name: SaliencyMaps(net, tasks, method, layer)(x)[0] for name, net in stages.items()}
         for task in tasks:
             rec = per_task[task]
             m = trained[task][0, 0].numpy()
@@ -128,7 +128,7 @@ def markdown(rows: Sequence[dict], margin: float) -> str:
 
 def main(models: Any, config_file: Any = "configs/inference.yaml,configs/demo.yaml", split: str = "validation",
          max_cases: int | None = None, method: str = "gradcam", margin: float = 0.05, threads: int = 1,
-         output: str = "saliency_check", seed: int = 0, **overrides: Any) -> None:
+         output: str = "saliency_check", seed: int = 0, layer: str = DEFAULT_LAYER, **overrides: Any) -> None:
     """Run the check for every checkpoint in `models` (comma-separated) with the settings of
     `config_file` (+ `overrides`, e.g. --dataset_dir); writes `<output>.csv` and prints the tables."""
     torch.set_num_threads(threads)
@@ -143,8 +143,9 @@ def main(models: Any, config_file: Any = "configs/inference.yaml,configs/demo.ya
         network = parser.get_parsed_content("network_def", instantiate=True, lazy=False).cpu().eval()
         load_network_weights(network, path, "cpu", settings=parser.get_parsed_content("model_settings"))
         group, model_seed = model_label(path)
-        for row in check_model(network, cases, tasks, method, margin, seed):
-            rows.append({"group": group, "seed": model_seed, "method": method, "margin": margin, **row})
+        for row in check_model(network, cases, tasks, method, margin, seed, layer):
+            rows.append({"group": group, "seed": model_seed, "method": method, "layer": layer, "margin": margin,
+                         **row})
         print(f"{path}: {len(cases)} cases, {time.time() - start:.0f} s so far", flush=True)
     with open(f"{output}.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
@@ -152,7 +153,8 @@ def main(models: Any, config_file: Any = "configs/inference.yaml,configs/demo.ya
         w.writerows(rows)
     table = markdown(rows, margin)
     print(table)
-    print(f"{len(_as_list(models))} model(s) x {len(cases)} {split} case(s), {method}: {time.time() - start:.0f} s")
+    print(f"{len(_as_list(models))} model(s) x {len(cases)} {split} case(s), {method} on {layer}: "
+          f"{time.time() - start:.0f} s")
 
 
 if __name__ == "__main__":
