@@ -140,6 +140,14 @@ def test_maps_follow_the_weights(method):
     assert all(p.requires_grad for p in net.parameters())  # the CAM's freezing is undone
 
 
+def test_closing_removes_the_cam_hooks():
+    net = IGRegNet(tasks=TASKS, **TINY_NET)
+    maps = SaliencyMaps(net, TASKS)
+    assert net.classifier.spatial._forward_hooks and net.classifier.spatial._backward_hooks
+    maps.close()
+    assert not net.classifier.spatial._forward_hooks and not net.classifier.spatial._backward_hooks
+
+
 def test_randomising_only_the_heads_changes_the_cam():
     torch.manual_seed(0)
     net = IGRegNet(tasks=TASKS, **TINY_NET).eval()

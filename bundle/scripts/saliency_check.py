@@ -67,13 +67,15 @@ def check_model(network: torch.nn.Module, cases: Sequence[dict], tasks: Sequence
                 margin: float, seed: int = 0, layer: str = DEFAULT_LAYER) -> list[dict]:
     """One row per task: the measures of the module docstring for `network` over `cases`."""
     stages = {name: randomised_copy(network, seed, layers) for name, layers in CASCADE.items()}
+    explain = SaliencyMaps(network, tasks, method, layer)
+    explain_stage = {name: SaliencyMaps(net, tasks, method, layer) for name, net in stages.items()}
     per_task: dict[str, dict[str, list[float]]] = {t: {} for t in tasks}
     for case in cases:
         x = torch.as_tensor(case["image"]).as_subclass(torch.Tensor)[None].float()
         brain = (x[0, 0] != 0).numpy()
         tumour = torch.as_tensor(case["seg"]).as_subclass(torch.Tensor)[0].numpy()
-        trained, _, _ = SaliencyMaps(network, tasks, method, layer)(x)
-        randomised = {name: SaliencyMaps(net, tasks, method, layer)(x)[0] for name, net in stages.items()}
+        trained, _, _ = explain(x)
+        randomised = {name: maps(x)[0] for name, maps in explain_stage.items()}
         for task in tasks:
             rec = per_task[task]
             m = trained[task][0, 0].numpy()
@@ -87,6 +89,7 @@ def check_model(network: torch.nn.Module, cases: Sequence[dict], tasks: Sequence
             for name in stages:
                 rho = rank_correlation(m, randomised[name][task][0, 0].numpy(), brain)
                 rec.setdefault(f"rho_{name}", []).append(rho)
+    explain.close()
     rows = []
     for task in tasks:
         rec = per_task[task]

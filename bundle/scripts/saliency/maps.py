@@ -96,7 +96,19 @@ class SaliencyMaps:
         self._cam = None
         if method != "occlusion":
             cam_class = GradCAM if method == "gradcam" else GradCAMpp
+            hooks = (set(self.target._forward_hooks), set(self.target._backward_hooks))
             self._cam = cam_class(self._wrapper, target_layers=f"network.{layer}", postprocessing=scale_to_unit)
+            self._hooks = (set(self.target._forward_hooks) - hooks[0], set(self.target._backward_hooks) - hooks[1])
+
+    def close(self) -> None:
+        """Remove the CAM's hooks from the network (MONAI's `ModelWithHooks` keeps no handles); the maps
+        cannot be computed afterwards."""
+        if self._cam is not None:
+            for key in self._hooks[0]:
+                self.target._forward_hooks.pop(key, None)
+            for key in self._hooks[1]:
+                self.target._backward_hooks.pop(key, None)
+            self._cam = None
 
     def __call__(self, image: Tensor) -> tuple[Dict[str, Tensor], Dict[str, int], Tensor]:
         x = torch.as_tensor(image).float()
@@ -106,12 +118,14 @@ class SaliencyMaps:
             with torch.no_grad():
                 out = self.network(x)
             classes = {t: int(out[t].argmax(-1)[0]) for t in self.tasks}
-            maps = self._occlusion(x, out, classes) if self._cam is None else self._cams(x, classes)
+            maps = self._occlusion(x, out, classes) if self.method == "occlusion" else self._cams(x, classes)
         finally:
             self.network.train(was_training)
         return maps, classes, out["seg"]
 
     def _cams(self, x: Tensor, classes: Mapping[str, int]) -> Dict[str, Tensor]:
+        if self._cam is None:
+            raise RuntimeError("SaliencyMaps was closed")
         maps: Dict[str, Tensor] = {}
         with torch.enable_grad(), frozen_until(self.network, self.target):
             for task in self.tasks:
