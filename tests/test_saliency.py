@@ -90,7 +90,9 @@ def test_no_saliency_work_or_files_without_the_flag(tmp_path):
     wf = workflow(tmp_path, datalist=datalist(tmp_path), output_dir=str(tmp_path / "out"))
     assert not any(isinstance(t, SaliencyMapsd) for t in wf.parser.get_parsed_content("postprocessing").flatten()
                    .transforms)
-    assert not any(isinstance(h, SaliencyWriter) for h in wf.parser.get_parsed_content("evaluator")._handlers)
+    evaluator = wf.parser.get_parsed_content("evaluator")
+    handlers = [getattr(h[0], "__self__", None) for hs in evaluator._event_handlers.values() for h in hs]
+    assert not any(isinstance(h, SaliencyWriter) for h in handlers)
     wf.run()
     names = sorted(p.name for p in (tmp_path / "out").iterdir())
     assert not [n for n in names if "saliency" in n or n.endswith(".png") or n == "index.html"]
@@ -114,8 +116,9 @@ def test_overwrite_removes_the_saliency_files_and_foreign_ones_are_refused(salie
 
 def test_saliency_outputs_never_overwrite_inputs(tmp_path):
     folder = tmp_path / "in"
-    t1c = save(folder / "P1_report.png", brain(0))  # an input named like case P1's report
-    case = {"case_id": "P1", "t1c": t1c, "t2w": save(folder / "P1_t2w.nii.gz", brain(1))}
+    folder.mkdir()
+    (folder / "P1_report.png").write_bytes(b"")  # an input named like case P1's report
+    case = {"case_id": "P1", "t1c": str(folder / "P1_report.png"), "t2w": save(folder / "P1_t2w.nii.gz", brain(1))}
     with pytest.raises(OutputExistsError, match="P1_report.png would overwrite an input"):
         prepare_output_dir(str(folder), [case], saliency_tasks=TASKS)
     case["t1c"] = save(folder / "P1_saliency_idh.nii.gz", brain(0))
