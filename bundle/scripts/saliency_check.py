@@ -125,8 +125,9 @@ def markdown(rows: Sequence[dict], margin: float) -> str:
                      + " |")
     per_model = [f"| {r['group']} seed {r['seed']} | {r['task']} | {r['cases']} cases | "
                  + " | ".join(_fmt([r[c]]) for c in COLUMNS) + " |" for r in rows]
+    model_head = head.replace("| group | task | models |", "| model | task | cases |")
     return (f"mass share > volume share + {margin:g} = pass\n\n" + head + "\n".join(lines) + "\n\nPer model:\n\n"
-            + head + "\n".join(per_model) + "\n")
+            + model_head + "\n".join(per_model) + "\n")
 
 
 def main(models: Any, config_file: Any = "configs/inference.yaml,configs/demo.yaml", split: str = "validation",
