@@ -40,6 +40,7 @@ MANIFEST = ".igreg_outputs.json"  # the files an inference run wrote (removed by
 TABLE = "predictions.csv"
 ERRORS = "prediction_errors.csv"
 RUN_FILES = (TABLE, ERRORS, MANIFEST)
+INDEX = "index.html"  # the saliency run's overview page (only with --saliency)
 MIN_SIDE_VOXELS = 16  # an input smaller than this on any axis is not a brain volume
 MIN_SIDE_MM = 64.0  # nor one whose field of view is narrower than this (a brain spans about 140 mm)
 MAX_NAME_BYTES = 255  # the longest file name most file systems take
@@ -80,8 +81,23 @@ def json_path(output_dir: str | os.PathLike, case: Mapping[str, Any]) -> Path:
     return Path(output_dir) / f"{output_name(case)}.json"
 
 
-def case_outputs(output_dir: str | os.PathLike, case: Mapping[str, Any]) -> list[Path]:
-    return [json_path(output_dir, case), mask_path(output_dir, case)]
+def saliency_path(output_dir: str | os.PathLike, case: Mapping[str, Any], task: str) -> Path:
+    """Where the saliency map of one task goes: `<output name>_saliency_<task>.nii.gz`."""
+    return Path(output_dir) / f"{output_name(case)}_saliency_{output_name(task)}.nii.gz"
+
+
+def report_path(output_dir: str | os.PathLike, case: Mapping[str, Any]) -> Path:
+    """Where the PNG report of a case goes: `<output name>_report.png`."""
+    return Path(output_dir) / f"{output_name(case)}_report.png"
+
+
+def case_outputs(output_dir: str | os.PathLike, case: Mapping[str, Any],
+                 saliency_tasks: Sequence[str] = ()) -> list[Path]:
+    """Every file a run writes for `case`; with `saliency_tasks`, the maps and the report too."""
+    paths = [json_path(output_dir, case), mask_path(output_dir, case)]
+    if saliency_tasks:
+        paths += [saliency_path(output_dir, case, t) for t in saliency_tasks] + [report_path(output_dir, case)]
+    return paths
 
 
 def _looked_for() -> str:
@@ -174,20 +190,23 @@ class CaseCheck:
 
 
 def prepare_output_dir(output_dir: str, cases: Sequence[Mapping[str, Any]], overwrite: bool = False,
-                       inputs: Sequence[str] = (), input_dir: str | None = None) -> str:
+                       inputs: Sequence[str] = (), input_dir: str | None = None,
+                       saliency_tasks: Sequence[str] = ()) -> str:
     """Check every output path before anything is written; returns the folder, created.
 
     Refused (:class:`OutputExistsError`): an output folder inside `input_dir` (its masks would be
     found as ground truth later), two cases whose outputs share a name (also when they
     differ only in letter case), an output that is an input file (`inputs`, and every path in
     `cases`), an earlier run's results unless `overwrite`, and a file at an output path that no
-    run of this bundle wrote. With `overwrite`, the earlier run's files (its manifest) are removed."""
+    run of this bundle wrote. With `overwrite`, the earlier run's files (its manifest) are removed.
+    `saliency_tasks` (``--saliency``): the saliency maps, reports and ``index.html`` are checked too."""
     out = Path(output_dir).resolve()
     protected = {Path(str(v)).resolve() for c in cases for k, v in c.items() if k != "case_id" and isinstance(v, str)}
     protected |= {Path(p).resolve() for p in inputs}
     owners: dict[str, str] = {}
+    run_files = [*RUN_FILES, *([INDEX] if saliency_tasks else [])]
     for c in cases:
-        if len(mask_path("", c).name.encode("utf-8")) > MAX_NAME_BYTES:
+        if max(len(p.name.encode("utf-8")) for p in case_outputs("", c, saliency_tasks)) > MAX_NAME_BYTES:
             raise OutputExistsError(f"case {str(c['case_id'])[:60]!r}...: its output file name would be longer than "
                                     f"{MAX_NAME_BYTES} bytes; give it a shorter case_id")
         name = output_name(c).casefold()
@@ -195,9 +214,9 @@ def prepare_output_dir(output_dir: str, cases: Sequence[Mapping[str, Any]], over
             raise OutputExistsError(f"cases {owners[name]!r} and {c['case_id']!r} would write the same output files "
                                     f"({output_name(c)}.json); give each case a distinct case_id")
         owners[name] = str(c["case_id"])
-    for target in [out / f for f in RUN_FILES] + [p for c in cases for p in case_outputs(out, c)]:
+    for target in [out / f for f in run_files] + [p for c in cases for p in case_outputs(out, c, saliency_tasks)]:
         if target.resolve() in protected:
-            case = next((c["case_id"] for c in cases if target in case_outputs(out, c)), None)
+            case = next((c["case_id"] for c in cases if target in case_outputs(out, c, saliency_tasks)), None)
             who = f"case {case!r}: output" if case is not None else "output"
             raise OutputExistsError(f"{who} {target} would overwrite an input file; choose another output_dir")
     if input_dir and (out == Path(input_dir).resolve() or Path(input_dir).resolve() in out.parents):
@@ -210,7 +229,9 @@ def prepare_output_dir(output_dir: str, cases: Sequence[Mapping[str, Any]], over
     if previous and not overwrite:
         raise OutputExistsError(f"{out} holds an earlier run's results ({previous[0].name}); "
                                 "choose another output_dir or set overwrite=true")
-    foreign = [p for c in cases for p in case_outputs(out, c) if p.exists() and p.name not in written_before]
+    outputs = [p for c in cases for p in case_outputs(out, c, saliency_tasks)]
+    outputs += [out / INDEX] if saliency_tasks else []
+    foreign = [p for p in outputs if p.exists() and p.name not in written_before]
     if foreign and not overwrite:
         raise OutputExistsError(f"{foreign[0]} exists and was not written by an inference run of this bundle; "
                                 "choose another output_dir or set overwrite=true")

@@ -58,6 +58,7 @@ class ClassificationBranch(nn.Module):
         self.down16 = ConvNormAct(channels, channels, 3, stride=2, down=True)
         self.gate16 = AttentionGate(2 * channels, channels)
         self.heads = nn.ModuleList([nn.Linear(2 * channels, k) for k in num_classes])
+        self.spatial = nn.Identity()  # the last spatial map [B, 2 x channels, *S/16] before pooling (saliency's hook)
 
     def features(self, scales: List[Tensor]) -> Tensor:
         """`F_t`: the pooled classification feature, [B, 2 x channels]."""
@@ -65,7 +66,7 @@ class ClassificationBranch(nn.Module):
         x = self.gate8(torch.cat((x, scales[1]), 1), scales[1])
         x = resize_to(self.down16(x), scales[2])
         x = self.gate16(torch.cat((x, scales[2]), 1), scales[2])
-        x = torch.cat((x, resize_to(scales[3], x)), 1)
+        x = self.spatial(torch.cat((x, resize_to(scales[3], x)), 1))
         return x.amax(dim=[2, 3, 4]) if self.max_pool else x.mean(dim=[2, 3, 4])
 
     def forward(self, scales: List[Tensor]) -> Tuple[Tensor, List[Tensor]]:
