@@ -224,7 +224,7 @@ def prepare_output_dir(output_dir: str, cases: Sequence[Mapping[str, Any]], over
                                 "(<case>_seg.nii.gz) would later be found as ground truth; choose a folder outside it")
     if out.exists() and not out.is_dir():
         raise OutputExistsError(f"output_dir {out} is a file, not a folder")
-    written_before = set(_read_manifest(out))
+    written_before = set(read_manifest(out))
     previous = [p for p in (out / TABLE, out / ERRORS) if p.exists()] + ([out / MANIFEST] if written_before else [])
     if previous and not overwrite:
         raise OutputExistsError(f"{out} holds an earlier run's results ({previous[0].name}); "
@@ -247,11 +247,12 @@ def prepare_output_dir(output_dir: str, cases: Sequence[Mapping[str, Any]], over
             path = out / name
             if path.resolve() not in protected and path.parent == out:
                 path.unlink(missing_ok=True)
-        _write_manifest(out, [])
+        write_manifest(out, [])
     return str(out)
 
 
-def _read_manifest(out: Path) -> list[str]:
+def read_manifest(out: Path) -> list[str]:
+    """The file names the runs in `out` wrote (the folder's manifest; [] when there is none)."""
     try:
         names = json.loads((out / MANIFEST).read_text())["files"]
         return [n for n in names if isinstance(n, str) and "/" not in n and os.sep not in n]
@@ -259,10 +260,16 @@ def _read_manifest(out: Path) -> list[str]:
         return []
 
 
-def _write_manifest(out: Path, names: Sequence[str]) -> None:
+def write_manifest(out: Path, names: Sequence[str]) -> None:
+    """Replace the manifest of `out` by `names` (atomically)."""
     tmp = out / (MANIFEST + ".tmp")
     tmp.write_text(json.dumps({"files": sorted(set(names))}, indent=1) + "\n")
     os.replace(tmp, out / MANIFEST)
+
+
+def add_to_manifest(out: Path, names: Sequence[str]) -> None:
+    """Record `names` as written by this run, so that `--overwrite true` removes them later."""
+    write_manifest(out, [*read_manifest(out), *names])
 
 
 class SplitPredictiond(MapTransform):
@@ -289,7 +296,8 @@ class SplitPredictiond(MapTransform):
         return d
 
 
-def _atomic_write(path: Path, write: Any) -> None:
+def atomic_write(path: Path, write: Any) -> None:
+    """`write(tmp)` to a hidden file beside `path`, then rename it to `path`: never a partial file."""
     tmp = path.with_name(f".tmp.{os.getpid()}.{path.name}")  # keeps the extension nibabel reads
     try:
         write(tmp)
@@ -350,12 +358,12 @@ class PredictionWriter:
                 data = data[0] if data.ndim == 4 else data
                 affine = np.asarray(torch.as_tensor(getattr(mask, "affine", torch.eye(4))).cpu().numpy(), np.float64)
                 image = nib.Nifti1Image(data.astype(np.uint8), affine)
-                _atomic_write(path, lambda p: nib.save(image, str(p)))
+                atomic_write(path, lambda p: nib.save(image, str(p)))
                 self.written.append(path.name)
             path = json_path(self.output_dir, item)
-            _atomic_write(path, lambda p: p.write_text(json.dumps(result, indent=2)))
+            atomic_write(path, lambda p: p.write_text(json.dumps(result, indent=2)))
             self.written.append(path.name)
-            _write_manifest(self.output_dir, [*_read_manifest(self.output_dir), *self.written])
+            add_to_manifest(self.output_dir, self.written)
             self.rows.append({"case_id": case_id,
                               **{f"{t}_prob": result[t]["probabilities"][-1] for t in self.tasks},
                               **{f"{t}_class": result[t]["class"] for t in self.tasks}})
@@ -368,7 +376,7 @@ class PredictionWriter:
             w = csv.DictWriter(f, fieldnames=list(rows[0]))
             w.writeheader()
             w.writerows(sorted(rows, key=lambda r: r["case_id"]))
-        _write_manifest(self.output_dir, [*_read_manifest(self.output_dir), self.csv_path.name])
+        add_to_manifest(self.output_dir, [self.csv_path.name])
         logger.info(f"{len(rows)} predictions written to {self.output_dir}")
 
 
@@ -388,7 +396,7 @@ def finish_inference(output_dir: str, check: CaseCheck) -> None:
         w = csv.DictWriter(f, fieldnames=["case_id", "field", "file", "problem"])
         w.writeheader()
         w.writerows(check.errors)
-    _write_manifest(out, [*_read_manifest(out), ERRORS])
+    add_to_manifest(out, [ERRORS])
     cases = list(dict.fromkeys(e["case_id"] for e in check.errors))
     done = len(check.good) - sum(e["field"] == "prediction" for e in check.errors)
     first = check.errors[0]

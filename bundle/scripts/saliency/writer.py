@@ -17,9 +17,8 @@ from ignite.engine import Engine, Events
 
 from scripts.inference import (
     INDEX,
-    _atomic_write,
-    _read_manifest,
-    _write_manifest,
+    add_to_manifest,
+    atomic_write,
     json_path,
     mask_path,
     report_path,
@@ -39,7 +38,7 @@ def save_map(path: Path, volume: Any) -> None:
     data = data[0] if data.ndim == 4 else data
     affine = np.asarray(torch.as_tensor(getattr(volume, "affine", torch.eye(4))).cpu().numpy(), np.float64)
     image = nib.Nifti1Image(data.astype(np.float32), affine)
-    _atomic_write(path, lambda p: nib.save(image, str(p)))
+    atomic_write(path, lambda p: nib.save(image, str(p)))
 
 
 class SaliencyWriter:
@@ -70,11 +69,11 @@ class SaliencyWriter:
                 written.append(path.name)
             view = out[VIEW_KEY]
             report = report_path(self.output_dir, item)
-            _atomic_write(report, lambda p: write_report(
+            atomic_write(report, lambda p: write_report(
                 p, view["image"], view["mask"], view["maps"], {t: result[t]["probabilities"] for t in self.tasks},
                 self.class_names, title=str(item["case_id"]), method=self.method))
             written.append(report.name)
-            _write_manifest(self.output_dir, [*_read_manifest(self.output_dir), *written])
+            add_to_manifest(self.output_dir, written)
             files = [(probs_file.name, "probabilities (JSON)"), (mask_path("", item).name, "mask (NIfTI)")]
             files += [(saliency_path("", item, t).name, f"{t} saliency (NIfTI)") for t in self.tasks]
             self.rows.append((str(item["case_id"]), index_row(str(item["case_id"]), report.name,
@@ -85,8 +84,8 @@ class SaliencyWriter:
         if idist.get_rank() != 0:
             return
         path = self.output_dir / INDEX
-        _atomic_write(path, lambda p: write_index(p, [html for _, html in sorted(rows)]))
-        _write_manifest(self.output_dir, [*_read_manifest(self.output_dir), INDEX])
+        atomic_write(path, lambda p: write_index(p, [html for _, html in sorted(rows)]))
+        add_to_manifest(self.output_dir, [INDEX])
         logger.info(f"saliency maps and reports of {len(rows)} case(s) in {self.output_dir}; overview: {path}")
 
 
