@@ -121,7 +121,8 @@ def run_schedule(ckpt_dir: Path, epochs: int, lr: float = 0.1, weight_decay: flo
     """Epochs of 3 iterations under a cosine schedule from `lr` to 0; returns the rate of each iteration."""
     strategy = Counter(lr, weight_decay)
     schedule = CosineSchedule(strategy.optimizers, total_steps=3 * epochs, min_lr=0.0)
-    engine = Engine(lambda e, b: strategy.optimizers[0].param_groups[0]["lr"])
+    optimizer = strategy.optimizers[0]
+    engine = Engine(lambda e, b: (optimizer.step(), optimizer.param_groups[0]["lr"])[1])  # step, then the schedule
     engine.state.skipped_steps = engine.state.consecutive_skipped = 0
     rates: list[float] = []
     engine.add_event_handler(Events.ITERATION_COMPLETED, lambda e: rates.append(e.state.output))
