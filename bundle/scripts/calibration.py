@@ -144,11 +144,15 @@ def read_calibration(path: str | os.PathLike | None) -> dict[str, Any] | None:
     return dict(record) if isinstance(record, Mapping) else None
 
 
-def read_temperatures(path: str | os.PathLike | None) -> dict[str, float] | None:
-    """{task: T} stored in a model.pt, None without calibration (inference then reports raw probabilities)."""
-    record = read_calibration(path)
+def temperatures_of(record: Mapping[str, Any] | None) -> dict[str, float] | None:
+    """{task: T} of a calibration record (`read_calibration`), None when it holds none."""
     temps = record.get("temperature") if record else None
     return {str(k): float(v) for k, v in temps.items()} if isinstance(temps, Mapping) and temps else None
+
+
+def read_temperatures(path: str | os.PathLike | None) -> dict[str, float] | None:
+    """{task: T} stored in a model.pt, None without calibration (inference then reports raw probabilities)."""
+    return temperatures_of(read_calibration(path))
 
 
 def store_calibration(path: str | os.PathLike, record: Mapping[str, Any]) -> None:
@@ -195,14 +199,16 @@ class Calibration:
         `ece_calibrated` when temperatures apply, and `report["calibration"]` (temperatures, ECE and
         NLL before/after); returns, per task, the reliability tables to plot (`raw`, and `calibrated`
         when temperatures apply)."""
-        temperatures = read_temperatures(self.ckpt_path) or {}
         summary: dict[str, Any] = {"bins": self.bins, "note": "each task's `ece` is of the network's probabilities; "
                                    "`ece_calibrated` (`ece_after`) of them with the temperatures below"}
         if self.fit:
             temperatures, skipped = fit_temperatures(probs, labels, tasks, self.min_cases)
             summary.update(fitted_on=self.split, skipped=skipped)
-        elif temperatures:
-            summary["stored"] = read_calibration(self.ckpt_path)
+        else:
+            stored = read_calibration(self.ckpt_path)  # model.pt is read once, and not at all when fitting
+            temperatures = temperatures_of(stored) or {}
+            if temperatures:
+                summary["stored"] = stored
         tables: dict[str, dict[str, Any]] = {}
         nlls: dict[str, tuple[float, float]] = {}
         for i, task in enumerate(tasks):

@@ -204,7 +204,8 @@ def prepare_output_dir(output_dir: str, cases: Sequence[Mapping[str, Any]], over
     protected = {Path(str(v)).resolve() for c in cases for k, v in c.items() if k != "case_id" and isinstance(v, str)}
     protected |= {Path(p).resolve() for p in inputs}
     owners: dict[str, str] = {}
-    run_files = [*RUN_FILES, *([INDEX] if saliency_tasks else [])]
+    outputs = [p for c in cases for p in case_outputs(out, c, saliency_tasks)]
+    outputs += [out / INDEX] if saliency_tasks else []  # what this run writes besides RUN_FILES
     for c in cases:
         if max(len(p.name.encode("utf-8")) for p in case_outputs("", c, saliency_tasks)) > MAX_NAME_BYTES:
             raise OutputExistsError(f"case {str(c['case_id'])[:60]!r}...: its output file name would be longer than "
@@ -214,7 +215,7 @@ def prepare_output_dir(output_dir: str, cases: Sequence[Mapping[str, Any]], over
             raise OutputExistsError(f"cases {owners[name]!r} and {c['case_id']!r} would write the same output files "
                                     f"({output_name(c)}.json); give each case a distinct case_id")
         owners[name] = str(c["case_id"])
-    for target in [out / f for f in run_files] + [p for c in cases for p in case_outputs(out, c, saliency_tasks)]:
+    for target in [out / f for f in RUN_FILES] + outputs:
         if target.resolve() in protected:
             case = next((c["case_id"] for c in cases if target in case_outputs(out, c, saliency_tasks)), None)
             who = f"case {case!r}: output" if case is not None else "output"
@@ -229,8 +230,6 @@ def prepare_output_dir(output_dir: str, cases: Sequence[Mapping[str, Any]], over
     if previous and not overwrite:
         raise OutputExistsError(f"{out} holds an earlier run's results ({previous[0].name}); "
                                 "choose another output_dir or set overwrite=true")
-    outputs = [p for c in cases for p in case_outputs(out, c, saliency_tasks)]
-    outputs += [out / INDEX] if saliency_tasks else []
     foreign = [p for p in outputs if p.exists() and p.name not in written_before]
     if foreign and not overwrite:
         raise OutputExistsError(f"{foreign[0]} exists and was not written by an inference run of this bundle; "
@@ -307,6 +306,16 @@ def atomic_write(path: Path, write: Any) -> None:
         raise
 
 
+def save_volume(path: Path, volume: Any, dtype: type) -> None:
+    """A [1, *S] or [*S] volume with its affine (a MetaTensor's, else identity) as NIfTI of `dtype`,
+    written atomically (`atomic_write`)."""
+    data = np.asarray(torch.as_tensor(volume).detach().float().cpu().numpy())
+    data = data[0] if data.ndim == 4 else data
+    affine = np.asarray(torch.as_tensor(getattr(volume, "affine", torch.eye(4))).cpu().numpy(), np.float64)
+    image = nib.Nifti1Image(data.astype(dtype), affine)
+    atomic_write(path, lambda p: nib.save(image, str(p)))
+
+
 class PredictionWriter:
     """Per case: `<name>_seg.nii.gz` (the mask under `mask_key`, on the T1C file's grid, when
     present) and `<name>.json` (probability and class per task); `predictions.csv` for all.
@@ -354,11 +363,7 @@ class PredictionWriter:
             mask = out.get(self.mask_key) if self.mask_key and isinstance(out, Mapping) else None
             if mask is not None:
                 path = mask_path(self.output_dir, item)
-                data = np.asarray(torch.as_tensor(mask).detach().cpu().numpy())
-                data = data[0] if data.ndim == 4 else data
-                affine = np.asarray(torch.as_tensor(getattr(mask, "affine", torch.eye(4))).cpu().numpy(), np.float64)
-                image = nib.Nifti1Image(data.astype(np.uint8), affine)
-                atomic_write(path, lambda p: nib.save(image, str(p)))
+                save_volume(path, mask, np.uint8)
                 self.written.append(path.name)
             path = json_path(self.output_dir, item)
             atomic_write(path, lambda p: p.write_text(json.dumps(result, indent=2)))

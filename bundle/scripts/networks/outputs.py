@@ -11,7 +11,8 @@ class HeadOutput(nn.Module):
     MONAI's `verify_net_in_out` calls the network and checks the channels and dtype of one tensor,
     the output the metadata names `pred`; IGRegNet returns a dict (`seg` and one entry per task),
     described in metadata.json as one output per head. Wrapping the network for each head in turn
-    lets that check run on every head (tests/test_model_zoo.py).
+    lets that check run on every head (tests/test_model_zoo.py). The saliency maps use it too, setting
+    `head` to each task in turn (scripts/saliency/maps.py).
     """
 
     def __init__(self, network: nn.Module, head: str) -> None:

@@ -6,7 +6,6 @@ from .maps import (
     METHODS,
     AllTaskProbs,
     SaliencyMaps,
-    TaskLogits,
     randomised_copy,
     scale_to_unit,
 )
@@ -14,5 +13,5 @@ from .transforms import SaliencyMapsd, saliency_key, saliency_postprocessing, sa
 from .writer import SaliencyWriter, saliency_handlers
 
 __all__ = ["DEFAULT_LAYER", "METHODS", "AllTaskProbs", "SaliencyMaps", "SaliencyMapsd", "SaliencyWriter",
-           "TaskLogits", "randomised_copy", "saliency_handlers", "saliency_key", "saliency_postprocessing",
+           "randomised_copy", "saliency_handlers", "saliency_key", "saliency_postprocessing",
            "saliency_tasks", "scale_to_unit"]

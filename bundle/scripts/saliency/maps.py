@@ -1,7 +1,8 @@
 """Per-task saliency maps of the classification branch: Grad-CAM, Grad-CAM++ (MONAI's `GradCAM`,
 `GradCAMpp`) or occlusion sensitivity (MONAI's `OcclusionSensitivity`), each scaled to [0, 1].
 
-IGRegNet returns a dict of heads; :class:`TaskLogits` shows a CAM one task's logits at a time and
+IGRegNet returns a dict of heads; `scripts.networks.HeadOutput` shows a CAM one task's logits at a time
+(its `head` set per task, so one set of CAM hooks serves every task) and
 :class:`AllTaskProbs` shows the occlusion one vector of every task's class probabilities.
 """
 
@@ -17,20 +18,10 @@ from monai.data import MetaTensor
 from monai.visualize import GradCAM, GradCAMpp, OcclusionSensitivity
 from torch import Tensor, nn
 
+from scripts.networks import HeadOutput
+
 METHODS = ("gradcam", "gradcampp", "occlusion")
 DEFAULT_LAYER = "classifier.spatial"  # IGRegNet's last spatial map of the classification branch (docs/saliency.md)
-
-
-class TaskLogits(nn.Module):
-    """`network(x)[task]` for the task named in the attribute `task` (one set of CAM hooks serves every task)."""
-
-    def __init__(self, network: nn.Module, task: str) -> None:
-        super().__init__()
-        self.network = network
-        self.task = task
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.network(x)[self.task]
 
 
 class AllTaskProbs(nn.Module):
@@ -92,7 +83,7 @@ class SaliencyMaps:
             raise ValueError(f"saliency_layer {layer!r} is not a module of {type(network).__name__}")
         self.target = modules.get(layer)
         self.occlusion = {"mask_size": 16, "overlap": 0.5, "n_batch": 4, "mode": "gaussian", **(occlusion or {})}
-        self._wrapper = TaskLogits(network, self.tasks[0])
+        self._wrapper = HeadOutput(network, self.tasks[0])
         self._cam = None
         if method != "occlusion":
             cam_class = GradCAM if method == "gradcam" else GradCAMpp
@@ -129,7 +120,7 @@ class SaliencyMaps:
         maps: Dict[str, Tensor] = {}
         with torch.enable_grad(), frozen_until(self.network, self.target):
             for task in self.tasks:
-                self._wrapper.task = task
+                self._wrapper.head = task
                 maps[task] = self._cam(x, class_idx=classes[task]).detach()
         return maps
 

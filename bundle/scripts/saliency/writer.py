@@ -7,12 +7,10 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Mapping, Sequence
 
 import ignite.distributed as idist
-import nibabel as nib
 import numpy as np
-import torch
 from ignite.engine import Engine, Events
 
 from scripts.inference import (
@@ -23,6 +21,7 @@ from scripts.inference import (
     mask_path,
     report_path,
     saliency_path,
+    save_volume,
 )
 
 from .index import index_row, write_index
@@ -30,15 +29,6 @@ from .report import write_report
 from .transforms import VIEW_KEY, saliency_key
 
 logger = logging.getLogger(__name__)
-
-
-def save_map(path: Path, volume: Any) -> None:
-    """A [1, *S] or [*S] map with its affine (a MetaTensor's, else identity) as float32 NIfTI."""
-    data = np.asarray(torch.as_tensor(volume).detach().float().cpu().numpy())
-    data = data[0] if data.ndim == 4 else data
-    affine = np.asarray(torch.as_tensor(getattr(volume, "affine", torch.eye(4))).cpu().numpy(), np.float64)
-    image = nib.Nifti1Image(data.astype(np.float32), affine)
-    atomic_write(path, lambda p: nib.save(image, str(p)))
 
 
 class SaliencyWriter:
@@ -65,7 +55,7 @@ class SaliencyWriter:
             written = []
             for task in self.tasks:
                 path = saliency_path(self.output_dir, item, task)
-                save_map(path, out[saliency_key(task)])
+                save_volume(path, out[saliency_key(task)], np.float32)
                 written.append(path.name)
             view = out[VIEW_KEY]
             report = report_path(self.output_dir, item)
