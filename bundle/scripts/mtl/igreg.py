@@ -167,13 +167,14 @@ class IGReg(MTLStrategy):
 
     @torch.no_grad()
     def encoded_task_batches(self, batch: dict, layout: BatchLayout) -> list:
-        """`task_batches` of a surrogate step's own batch: its classification rows through the main
-        encoder, without gradients (in training mode, as the main forward)."""
+        """`task_batches` of a surrogate step's own batch: all its rows through the main encoder, without
+        gradients, in training mode as the main forward (so, as in the reference, the encoder's BatchNorm
+        statistics are those of the whole batch, segmentation case included); the tasks' rows are then taken."""
         if not layout.cls_rows:
             return []
         with self.autocast():
-            features = self.network.encoder(take_rows(batch["image"], layout.cls_rows))
-        return self.task_batches(features, take_rows(batch["label"], layout.cls_rows), layout.task_pos)
+            features = self.network.encoder(batch["image"])
+        return self.task_batches(features, batch["label"], layout.task_rows)
 
     def surrogate_update(self, task_batches: list) -> Tensor:
         """One projected step of every surrogate (surrogate k dominated by task k); returns the mean
