@@ -235,7 +235,7 @@ class IGReg(MTLStrategy):
                     if own:
                         logs["surrogate"] = self.surrogate_update(own)
                 losses["feature_reg"], gate = self.feature_regularizer(out, batches, layout)
-                present["feature_reg"] = gate.any()
+                present["feature_reg"] = True  # as the reference: 0 when none is gated, its log-variance still counts
                 logs["gated"] = gate.float().mean()
             else:
                 losses["feature_reg"], present["feature_reg"] = torch.zeros_like(out.seg_loss), False
