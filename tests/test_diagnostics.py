@@ -14,6 +14,7 @@ from test_gradient_strategies import TASKS, batch
 from scripts.diagnostics import GradientConflictLogger, conflict_stats, measure_conflicts, sign_agreement
 from scripts.engine import IGRegTrainer
 from scripts.mtl import build_strategy
+from scripts.mtl.base import BatchLayout
 from scripts.networks import IGRegNet
 
 SGD = functools.partial(torch.optim.SGD, lr=0.1)
@@ -113,3 +114,39 @@ def test_logger_writes_csv_and_tensorboard_and_leaves_training_unchanged(tmp_pat
     assert all(0 <= float(r["conflict_fraction"]) <= 1 and float(r["norm_seg"]) > 0 for r in rows)
     assert list((tmp_path / "on").glob("events.out.tfevents.*"))
     assert not (tmp_path / "off").exists()
+
+
+def test_objective_terms_sum_to_the_loss_the_step_minimises(monkeypatch):
+    """Equal: the terms are the plain losses; IGReg: the weighted terms plus the log-variances are its total."""
+    data = batch()
+    s = strategy("equal")
+    terms = s.objective_terms(data)
+    assert list(terms) == [*TASKS, "seg"]
+    with torch.no_grad():
+        expected = s.forward_tasks(data, BatchLayout.of(data))
+    torch.testing.assert_close(sum(terms.values()), torch.stack(expected.task_losses).sum() + expected.seg_loss)
+
+    torch.manual_seed(0)
+    igreg = build_strategy("igreg_no_stdgp", IGRegNet(tasks=TASKS, **TINY_NET), SGD, igreg={"prototype_warmup": 0})
+    with torch.no_grad():
+        igreg.weighting.log_vars.copy_(torch.tensor([0.3, -0.2, 0.5, -0.4, 0.1]))
+    monkeypatch.setattr(random, "randrange", lambda n: 0)    # the step's alignment pairs the first cls case too
+    terms = igreg.objective_terms(data)
+    assert list(terms) == [*TASKS, "seg", "align", "margin", "heterogeneity"]
+    total = igreg.step(data)["loss"]
+    torch.testing.assert_close(sum(terms.values()).detach() + torch.tensor([0.3, -0.2, 0.5, -0.4, 0.1]).sum(), total,
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_logger_writes_each_terms_gradient_and_the_log_variances(tmp_path):
+    torch.manual_seed(0)
+    s = build_strategy("igreg", IGRegNet(tasks=TASKS, **TINY_NET), SGD, igreg={"surrogate_steps": 1})
+    random.seed(0)
+    IGRegTrainer("cpu", max_epochs=1, train_data_loader=[batch(seed=i) for i in range(2)], strategy=s,
+                 epoch_length=2, train_handlers=[GradientConflictLogger(s, 1, str(tmp_path))]).run()
+    rows = list(csv.DictReader(open(tmp_path / "gradient_conflicts.csv")))
+    terms = [*TASKS, "seg", "align", "margin", "heterogeneity", "feature_reg"]
+    assert {f"term_norm_{t}" for t in terms} | {f"term_sign_{t}" for t in terms} <= set(rows[0])
+    assert {f"log_var_{n}" for n in ("cls", "seg", "margin", "heterogeneity", "align", "feature_reg")} <= set(rows[0])
+    assert 0.0 != float(rows[0]["log_var_cls"]) != float(rows[1]["log_var_cls"])  # after each step: moved from 0
+    assert all(float(r["term_norm_seg"]) > 0 and 0 <= float(r["term_sign_1p19q"]) <= 1 for r in rows)

@@ -3,16 +3,20 @@ agree, measured on a training batch without changing the training, and which tas
 direction the applied update follows (sign agreement: Lion moves every coordinate by a sign).
 
 The measurement runs the network in training mode (as the step does) and takes one gradient per
-task with `torch.autograd.grad`: parameter `.grad`s, optimizer states and random number generators
-are not touched, and the BatchNorm running statistics that the extra forward moves are put back.
+task, and one per term of the strategy's objective as it enters the update (`objective_terms`: for
+IGReg each task, seg, margin, heterogeneity, alignment and feature regularizer under their uncertainty
+weights), with `torch.autograd.grad`: parameter `.grad`s and optimizer states are not touched, and the
+BatchNorm running statistics the extra forwards move and the random number generators are put back.
 """
 
 from __future__ import annotations
 
 import itertools
+import random
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import List
+from typing import Iterator, List
 
 import ignite.distributed as idist
 import torch
@@ -79,25 +83,65 @@ def trunk_vector(strategy: MTLStrategy) -> Tensor:
     return flatten([p.detach() for p in shared], shared).clone()
 
 
-def measure_task_gradients(strategy: MTLStrategy, batch: dict) -> Tensor:
-    """The task gradients [T, P] (classification tasks, then "seg") on the shared trunk for one
-    training batch; the strategy's state is left as it was. Under torch.distributed every rank calls
-    it with its own batch, and the gradients are averaged over the ranks (those of the global batch)."""
+@contextmanager
+def left_as_it_was(strategy: MTLStrategy) -> Iterator[None]:
+    """Runs the block with the network in training mode (as the step), then puts back its mode and
+    buffers (the BatchNorm statistics an extra forward moves) and the random number generators."""
     net = strategy.network
     buffers = {k: v.clone() for k, v in net.named_buffers()}
     was_training = net.training
+    python_state = random.getstate()
     net.train()
     try:
-        out = strategy.forward_tasks(batch, BatchLayout.of(batch))
-        shared = shared_parameters(net)
-        grads = torch.stack([flatten(g, shared) for g in task_gradients(all_task_losses(out), shared)])
+        with torch.random.fork_rng(devices=[]):
+            yield
     finally:
+        random.setstate(python_state)
         net.train(was_training)
         with torch.no_grad():
             for k, v in net.named_buffers():
                 v.copy_(buffers[k])
+
+
+def measure_task_gradients(strategy: MTLStrategy, batch: dict) -> Tensor:
+    """The task gradients [T, P] (classification tasks, then "seg") on the shared trunk for one
+    training batch; the strategy's state is left as it was. Under torch.distributed every rank calls
+    it with its own batch, and the gradients are averaged over the ranks (those of the global batch)."""
+    with left_as_it_was(strategy):
+        out = strategy.forward_tasks(batch, BatchLayout.of(batch))
+        shared = shared_parameters(strategy.network)
+        grads = torch.stack([flatten(g, shared) for g in task_gradients(all_task_losses(out), shared)])
     average_across_ranks([grads])
     return grads
+
+
+def measure_term_gradients(strategy: MTLStrategy, batch: dict) -> tuple[List[str], Tensor]:
+    """The names of the terms of the strategy's main objective (`MTLStrategy.objective_terms`: each task,
+    seg and the strategy's own terms, weighted as in the update) and their gradients [K, P] on the shared
+    trunk for one training batch, averaged over the ranks; the strategy's state is left as it was."""
+    with left_as_it_was(strategy):
+        terms = strategy.objective_terms(batch)
+        shared = shared_parameters(strategy.network)
+        grads = torch.stack([flatten(g, shared) for g in task_gradients(list(terms.values()), shared)])
+    average_across_ranks([grads])
+    return list(terms), grads
+
+
+def term_row(names: List[str], grads: Tensor, update: Tensor) -> dict[str, float]:
+    """Per objective term: ``term_norm_<name>``, its gradient's norm on the trunk, and ``term_sign_<name>``,
+    the share of trunk coordinates where the applied update has the sign of its descent."""
+    agree = sign_agreement(grads, update, names)
+    row = {f"term_norm_{n}": float(g.double().norm()) for n, g in zip(names, grads)}
+    row.update({f"term_sign_{n}": agree[f"sign_agree_{n}"] for n in names})
+    return row
+
+
+def log_variances(strategy: MTLStrategy) -> dict[str, float]:
+    """``log_var_<term>`` of a strategy with uncertainty weights (none otherwise)."""
+    weighting = getattr(strategy, "weighting", None)
+    if weighting is None:
+        return {}
+    return {f"log_var_{n}": float(v) for n, v in zip(weighting.names, weighting.log_vars.detach().cpu())}
 
 
 def measure_conflicts(strategy: MTLStrategy, batch: dict) -> GradientConflicts:
@@ -129,19 +173,21 @@ class GradientConflictLogger:
             engine.add_event_handler(Events.COMPLETED, self.close)
 
     def before_step(self, engine: Engine) -> None:
-        """Task gradients and a copy of the trunk, on the step's batch and weights."""
+        """Task and objective-term gradients and a copy of the trunk, on the step's batch and weights."""
         image, targets = prepare_batch(engine.state.batch, engine.state.device, engine.non_blocking)
-        grads = measure_task_gradients(self.strategy, main_part({"image": image, **targets}))
-        self.pending = (grads, trunk_vector(self.strategy))
+        batch = main_part({"image": image, **targets})
+        grads = measure_task_gradients(self.strategy, batch)
+        self.pending = (grads, measure_term_gradients(self.strategy, batch), trunk_vector(self.strategy))
 
     def __call__(self, engine: Engine) -> None:
         if self.pending is None:
             return
-        grads, before = self.pending
+        grads, (term_names, term_grads), before = self.pending
         self.pending = None
         names = [*self.strategy.network.tasks, "seg"]
         update = trunk_vector(self.strategy) - before
-        row = {**conflict_stats(grads, names).row(), **sign_agreement(grads, update, names)}
+        row = {**conflict_stats(grads, names).row(), **sign_agreement(grads, update, names),
+               **term_row(term_names, term_grads, update), **log_variances(self.strategy)}
         if idist.get_rank() != 0:
             return
         self.output_dir.mkdir(parents=True, exist_ok=True)

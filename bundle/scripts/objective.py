@@ -42,6 +42,10 @@ class UncertaintyWeighting(nn.Module):
         self.names = list(names)
         self.log_vars = nn.Parameter(torch.zeros(len(self.names)))
 
+    def weight(self, name: str) -> Tensor:
+        """The current weight exp(-s) of term `name` (detached)."""
+        return torch.exp(-self.log_vars[self.names.index(name)]).detach()
+
     def forward(self, losses: dict[str, Tensor], present: dict[str, Tensor | bool] | None = None) -> Tensor:
         """Weighted sum of `losses[name]` over the weighting's names; `present[name]` is a Python bool
         (False drops the term) or a boolean tensor (checked on the device, no host sync)."""

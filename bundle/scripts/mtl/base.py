@@ -234,5 +234,13 @@ class MTLStrategy(nn.Module, abc.ABC):
         optimizer.step()
         return True
 
+    def objective_terms(self, batch: dict) -> dict[str, Tensor]:
+        """The main update's objective on `batch` split into its terms as they enter the update (weights
+        applied, additive constants left out), for the diagnostics: here each classification task's
+        cross-entropy and the segmentation Dice, summed with weight 1. Strategies with other terms or
+        weights override it; the network's state is not changed."""
+        out = self.forward_tasks(batch, BatchLayout.of(batch))
+        return {**dict(zip(self.network.tasks, out.task_losses)), "seg": out.seg_loss}
+
     def _task_logs(self, out: TaskForward) -> dict[str, Tensor]:
         return {f"cls_{name}": loss.detach() for name, loss in zip(self.network.tasks, out.task_losses)}

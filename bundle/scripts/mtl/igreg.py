@@ -210,6 +210,26 @@ class IGReg(MTLStrategy):
         return gated_feature_regularizer(torch.cat(main_f), torch.cat(sur_f), torch.cat(main_p), torch.cat(sur_p),
                                          self.feature_distance)
 
+    # ---- the objective, for the diagnostics -----------------------------------------------------
+    def objective_terms(self, batch: dict) -> dict[str, Tensor]:
+        """Each term of the main update under its uncertainty weight exp(-s): the classification tasks
+        one by one (sharing the weight of "cls"), seg, margin, heterogeneity, align and feature_reg. The
+        alignment pairs the first classification case (no random draw); the feature regularizer compares
+        with the surrogates as the last iteration left them (the step re-copies and trains them first)."""
+        batch = split_parts(batch)[0]
+        layout = BatchLayout.of(batch)
+        extra = layout.cls_rows[:1] if self.use_dpa else []
+        out = self.forward_tasks(batch, layout, extra)
+        terms = {t: self.weighting.weight("cls") * loss for t, loss in zip(self.network.tasks, out.task_losses)}
+        terms["seg"] = self.weighting.weight("seg") * out.seg_loss
+        if self.use_dpa:
+            terms.update({k: self.weighting.weight(k) * v for k, v in self.dpa_losses(out, batch, layout).items()})
+        batches = self.task_batches(out.features, batch["label"], layout.task_rows) if self.use_stdgp else []
+        if batches:
+            regularizer, _ = self.feature_regularizer(out, batches, layout)
+            terms["feature_reg"] = self.weighting.weight("feature_reg") * regularizer
+        return terms
+
     # ---- the outer iteration --------------------------------------------------------------------
     def step(self, batch: dict) -> dict[str, Tensor]:
         self.skipped = []

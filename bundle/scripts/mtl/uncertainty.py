@@ -21,6 +21,11 @@ class UncertaintyOnly(MTLStrategy):
         self.weighting = UncertaintyWeighting(self.names).to(self.device)
         self.optimizers = [self.make_optimizer(list(network.parameters()) + list(self.weighting.parameters()))]
 
+    def objective_terms(self, batch: dict) -> dict[str, Tensor]:
+        terms = super().objective_terms(batch)
+        return {name: self.weighting.weight(key) * terms[name]
+                for name, key in zip([*self.network.tasks, "seg"], self.names)}
+
     def step(self, batch: dict) -> dict[str, Tensor]:
         self.skipped = []
         layout = BatchLayout.of(batch)
