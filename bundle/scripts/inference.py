@@ -33,6 +33,8 @@ from monai.transforms import MapTransform
 from scripts.data import DatalistError, check_case, find_cases, load_datalist, read_datalist
 from scripts.data.datalist import IMAGE_KEYS, PATH_KEYS, SPLITS
 from scripts.data.discovery import NIFTI, PLAIN, PREFIXED
+from scripts.data.intensity import brain_mask, robust_intensity
+from scripts.data.validate import voxel_sizes
 
 logger = logging.getLogger(__name__)
 
@@ -41,8 +43,9 @@ TABLE = "predictions.csv"
 ERRORS = "prediction_errors.csv"
 RUN_FILES = (TABLE, ERRORS, MANIFEST)
 INDEX = "index.html"  # the saliency run's overview page (only with --saliency)
-MIN_SIDE_VOXELS = 16  # an input smaller than this on any axis is not a brain volume
+MIN_SIDE_VOXELS = 8  # an input with fewer voxels on an axis cannot be resampled into a brain volume
 MIN_SIDE_MM = 64.0  # nor one whose field of view is narrower than this (a brain spans about 140 mm)
+MAX_BRAIN_ML = 2500.0  # a T1C foreground larger than this is a whole head (a brain is 1000-2000 mL)
 MAX_NAME_BYTES = 255  # the longest file name most file systems take
 _SAFE = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-")
 
@@ -154,22 +157,55 @@ def input_files(datalist: str | None = None, input_dir: str | None = None, base_
 
 
 def _min_field_of_view(path: str) -> str | None:
-    """Why the volume at `path` is too small to be a brain scan, or None."""
+    """Why the volume at `path` is too small to be a brain scan, or None. The voxel sizes are those of
+    the affine the loader uses (not the header's pixdim, which may be 0)."""
     img = nib.load(path)
     shape = img.shape[:3]
-    extent = [n * float(z) for n, z in zip(shape, img.header.get_zooms()[:3])]
-    if min(shape) < MIN_SIDE_VOXELS or min(extent) < MIN_SIDE_MM:
-        return (f"too small for a brain volume: shape {tuple(shape)}, field of view "
-                f"{' x '.join(f'{e:.0f}' for e in extent)} mm (at least {MIN_SIDE_VOXELS} voxels and "
-                f"{MIN_SIDE_MM:.0f} mm per side expected) in {path}")
+    extent = [n * float(z) for n, z in zip(shape, voxel_sizes(img.affine))]
+    few = [i for i, n in enumerate(shape) if n < MIN_SIDE_VOXELS]
+    narrow = [i for i, e in enumerate(extent) if e < MIN_SIDE_MM]
+    if few or narrow:
+        why = (f"only {shape[few[0]]} voxels along axis {few[0]} (at least {MIN_SIDE_VOXELS})" if few else
+               f"{extent[narrow[0]]:.0f} mm along axis {narrow[0]} (at least {MIN_SIDE_MM:.0f} mm)")
+        return (f"too small for a brain volume: {why}; shape {tuple(shape)}, field of view "
+                f"{' x '.join(f'{e:.0f}' for e in extent)} mm in {path}")
+    return None
+
+
+def same_image_problem(case: Mapping[str, Any]) -> str | None:
+    """Why the T2W of `case` is not a scan of its own (the T1C file or its exact copy), or None."""
+    t1c, t2w = nib.load(case["t1c"]), nib.load(case["t2w"])
+    if os.path.realpath(case["t1c"]) == os.path.realpath(case["t2w"]) or (
+            t1c.shape == t2w.shape and np.array_equal(np.asanyarray(t1c.dataobj), np.asanyarray(t2w.dataobj))):
+        return f"the same image as the T1C (identical voxels): {case['t2w']} and {case['t1c']}"
+    return None
+
+
+def skull_problem(case: Mapping[str, Any]) -> str | None:
+    """Why the T1C of `case` looks like a whole head rather than a skull-stripped brain, or None.
+
+    The heuristic: the T1C foreground (after the chain's background shift and outlier clipping,
+    the voxels the network's brain mask takes) is larger than ``MAX_BRAIN_ML``: a brain is
+    1000-2000 mL, a head with its skull, scalp and neck 3000 mL or more. Brain extraction
+    (``--preprocess true``) skips this check."""
+    img = nib.load(case["t1c"])
+    values = robust_intensity(np.asanyarray(img.dataobj).astype(np.float32))
+    values = values[..., 0] if values.ndim == 4 else values
+    volume_ml = float(brain_mask(values).sum()) * float(np.prod(voxel_sizes(img.affine))) / 1000.0
+    if volume_ml > MAX_BRAIN_ML:
+        return (f"looks like a whole head, not a skull-stripped brain: its foreground is {volume_ml:.0f} mL (a brain "
+                f"is under {MAX_BRAIN_ML:.0f} mL); the model needs brain-extracted input, in {case['t1c']}")
     return None
 
 
 class CaseCheck:
     """The per-case input check of an inference run: `good` cases go to the network, `errors`
-    (case_id, field, file, problem) collect the bad ones, here and in the `PredictionWriter`."""
+    (case_id, field, file, problem) collect the bad ones, here and in the `PredictionWriter`.
 
-    def __init__(self, cases: Sequence[Mapping[str, Any]]) -> None:
+    Besides the training's check: a minimum field of view, a T2W that is not the T1C again, and
+    (unless `check_skull` is False, for input that brain extraction will strip) no whole head."""
+
+    def __init__(self, cases: Sequence[Mapping[str, Any]], check_skull: bool = True) -> None:
         self.good: list[dict] = []
         self.errors: list[dict[str, str]] = []
         for case in cases:
@@ -177,6 +213,10 @@ class CaseCheck:
                 check_case(case, tasks=())
                 for key in IMAGE_KEYS:
                     problem = _min_field_of_view(case[key])
+                    if problem:
+                        raise DatalistError(str(case["case_id"]), key, problem)
+                for key, rule in (("t2w", same_image_problem), ("t1c", skull_problem if check_skull else None)):
+                    problem = rule(case) if rule else None
                     if problem:
                         raise DatalistError(str(case["case_id"]), key, problem)
             except DatalistError as err:

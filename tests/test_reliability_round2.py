@@ -1,0 +1,218 @@
+"""Second round of hostile inputs (docs/reliability.md): what the network sees, what inference writes,
+what it tells. One test per numbered item of the round, named after it."""
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from conftest import SHARED_DATA
+from monai.data import MetaTensor
+from monai.transforms import Compose, MapTransform
+from test_inference_safety import workflow
+
+from scripts.data.demo_cohort import make_case
+from scripts.data.transforms import BrainZScored, RobustIntensityd, preprocessing_transforms
+from scripts.inference import CaseCheck, skull_problem
+
+AFFINE = np.diag([6.0, 6.0, 6.0, 1.0])
+TINY_CHAIN = dict(pixdim=[6.0, 6.0, 6.0], spatial_size=[32, 32, 32])  # the tiny case's own grid: no resampling
+
+
+def save(path: Path, data: np.ndarray, affine: np.ndarray = AFFINE, header: nib.Nifti1Header | None = None) -> str:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nib.save(nib.Nifti1Image(np.asarray(data), affine, header), str(path))
+    return str(path)
+
+
+def save_scaled(path: Path, data: np.ndarray, slope: float) -> str:
+    """An uncompressed NIfTI whose header scales the stored `data` by `slope` (nibabel would recompute it)."""
+    header = nib.Nifti1Image(data, AFFINE).header
+    header["scl_slope"], header["scl_inter"], header["vox_offset"] = slope, 0.0, 352
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "wb") as f:
+        header.write_to(f)
+        f.write(b"\0" * (352 - f.tell()) + np.asfortranarray(data).tobytes(order="F"))
+    return str(path)
+
+
+def brain(seed: int = 0, shape=(32, 32, 32)) -> np.ndarray:
+    vol = np.zeros(shape, np.float32)
+    vol[6:26, 6:26, 6:26] = np.random.default_rng(seed).uniform(100, 1000, (20, 20, 20))
+    return vol
+
+
+def tiny_case(folder: Path, t1c: np.ndarray | None = None, t2w: np.ndarray | None = None, **save_args) -> dict:
+    t1c = brain(0) if t1c is None else t1c
+    t2w = brain(1) if t2w is None else t2w
+    return {"case_id": folder.name, "t1c": save(folder / "t1c.nii.gz", t1c, **save_args),
+            "t2w": save(folder / "t2w.nii.gz", t2w, **save_args)}
+
+
+def network_input(case: dict, chain: list | None = None, **sizes) -> torch.Tensor:
+    transforms = preprocessing_transforms(**(sizes or TINY_CHAIN)) if chain is None else chain
+    return Compose(transforms)({k: case[k] for k in ("t1c", "t2w")})["image"].as_tensor()
+
+
+def problems(cases: list[dict], **kwargs) -> dict[str, str]:
+    check = CaseCheck(cases, **kwargs)
+    return {e["case_id"]: f"{e['field']}: {e['problem']}" for e in check.errors}
+
+
+class ZScoreOfBundle050(MapTransform):
+    """BrainZScored as bundle 0.5.0 computed it (brain = |T1C| above 1e-6 of its maximum), kept here to
+    prove that the chain's input is unchanged on clean data."""
+
+    def __call__(self, data):
+        d = dict(data)
+        img = d["image"]
+        src = img.as_tensor().to(torch.float32)
+        ref = src[0].abs()
+        mask = ref > 1e-6 * ref.max()
+        res = torch.zeros_like(src)
+        for c in range(src.shape[0]):
+            values = src[c][mask]
+            if values.numel():
+                std = values.std(unbiased=False)
+                res[c][mask] = (values - values.mean()) / (std if std > 0 else 1.0)
+        d["image"] = MetaTensor(res, meta=dict(img.meta))
+        return d
+
+
+def chain_of_bundle050(**sizes) -> list:
+    """The preprocessing chain of bundle 0.5.0: no RobustIntensityd, the old z-score."""
+    chain = [t for t in preprocessing_transforms(**sizes) if not isinstance(t, RobustIntensityd)]
+    return [ZScoreOfBundle050(keys="image") if isinstance(t, BrainZScored) else t for t in chain]
+
+
+def demo_cases(root: Path) -> list[dict]:
+    """Three demo-cohort cases as the generator writes them: plain, T2W on 6 mm slices, LPS."""
+    cases = []
+    for i, extra in enumerate([{}, {"t2w_slice_mm": 6.0}, {"lps": True}]):
+        images = make_case(np.random.default_rng(i), {"grade": i % 2, "idh": 1, "1p19q": 0}, **extra)
+        folder = root / f"demo{i}"
+        folder.mkdir(parents=True)
+        for key in ("t1c", "t2w"):
+            nib.save(images[key], str(folder / f"{key}.nii.gz"))
+        cases.append({"case_id": f"demo{i}", "t1c": str(folder / "t1c.nii.gz"), "t2w": str(folder / "t2w.nii.gz")})
+    return cases
+
+
+# -- item 2: the network never answers an empty input; outliers do not move it -------------------------------------
+
+def test_item2_clean_input_is_bit_for_bit_unchanged(tmp_path, brats_case):
+    """On clean data (demo cohort, BraTS) the network's input is exactly bundle 0.5.0's, in every workflow
+    (they share the chain): the outlier clipping and the background shift leave clean scans alone."""
+    for case in demo_cases(tmp_path):
+        for sizes in ({"pixdim": [4.0] * 3, "spatial_size": [48, 48, 48]},  # demo.yaml
+                      {"pixdim": [1.0] * 3, "spatial_size": [160, 192, 160]}):  # train/inference.yaml
+            new, old = network_input(case, **sizes), network_input(case, chain_of_bundle050(**sizes))
+            assert new.dtype == old.dtype and torch.equal(new, old), (case["case_id"], sizes)
+    sizes = {"pixdim": [1.0] * 3, "spatial_size": [160, 192, 160]}
+    new, old = network_input(brats_case, **sizes), network_input(brats_case, chain_of_bundle050(**sizes))
+    assert torch.equal(new, old) and float(new.abs().sum()) > 0
+    assert not problems([{**brats_case, "case_id": "brats"}])
+
+
+def test_item2_outlier_voxel_refused_or_clipped(tmp_path):
+    clean = tiny_case(tmp_path / "clean")
+    reference = network_input(clean)
+    for value in (1e7, 1e12):  # one voxel: clipped, the rest of the brain as without it
+        t1c = brain(0)
+        t1c[10, 10, 10] = value
+        case = tiny_case(tmp_path / f"hot{value:.0e}", t1c)
+        seen = network_input(case)
+        off = torch.ones_like(seen, dtype=torch.bool)
+        off[:, 10, 10, 10] = False
+        assert float((seen - reference)[off].abs().max()) < 0.1, value  # 8000 voxels: one clipped moves 0.04 SD
+        assert float(seen[0, 10, 10, 10]) < 30  # not 161 SD away
+        assert not problems([case])
+        old = network_input(case, chain_of_bundle050(**TINY_CHAIN))  # the 0.5.0 chain: brain at ~0
+        assert float((old - reference)[off].abs().max()) > 0.5
+    # many extreme voxels (2% of the brain): the brain the network would see is implausibly small: refused
+    t1c = brain(0)
+    t1c[6:26, 6:26, 6] = 1e12
+    found = problems([tiny_case(tmp_path / "stripe", t1c)])
+    assert "count as brain" in found["stripe"] and "extreme values" in found["stripe"]
+    # an int16 T1C whose scl_slope is -1: all brain values <= 0, so the network's input would be empty: refused
+    folder = tmp_path / "slope"
+    case = {"case_id": "slope", "t1c": save_scaled(folder / "t1c.nii", brain(0).astype(np.int16), slope=-1.0),
+            "t2w": save(folder / "t2w.nii.gz", brain(1))}
+    assert float(np.asanyarray(nib.load(case["t1c"]).dataobj).max()) <= 0
+    assert "t1c: no T1C voxel is above 0" in problems([case])["slope"]
+    # T1C and T2W the same image: refused
+    same = tiny_case(tmp_path / "same", brain(0), brain(0))
+    assert "t2w: the same image as the T1C" in problems([same])["same"]
+    # a float64 value beyond float32 (the loader's type) counts as infinite
+    t1c = brain(0).astype(np.float64)
+    t1c[10, 10, 10] = 1e39
+    assert "NaN or Inf voxels (after scaling to float32)" in problems([tiny_case(tmp_path / "f64", t1c)])["f64"]
+
+
+# -- item 3: the background's sign ---------------------------------------------------------------------------------
+
+def test_item3_negative_background_gives_the_clean_input(tmp_path):
+    reference = network_input(tiny_case(tmp_path / "clean"))
+    shifted = tiny_case(tmp_path / "minus1000", brain(0) - 1000, brain(1) - 1000)
+    seen = network_input(shifted)
+    assert torch.equal(seen != 0, reference != 0)  # the same brain mask (the crop and the z-score agree)
+    assert torch.allclose(seen, reference, atol=1e-4)
+    assert not problems([shifted])
+    old = network_input(shifted, chain_of_bundle050(**TINY_CHAIN))  # 0.5.0: |T1C| took the background as brain
+    assert not torch.equal(old != 0, reference != 0)
+
+
+# -- item 4: one geometry for the check, the loader and the writer -----------------------------------------------
+
+def test_item4_pixdim_sform_conflict_uses_one_geometry_and_messages_print_the_real_numbers(tmp_path, caplog):
+    # pixdim 6 x 6 x 7.5 over a 6 mm sform; pixdim 0 (unset) over a 6 mm sform. MONAI's own reader would take
+    # 7.5 mm (the qform) and 1 mm; the check, the loader and the writer all take the sform, and a warning says so
+    for name, zooms in (("conflict", (6.0, 6.0, 7.5)), ("zero", (0.0, 0.0, 0.0))):
+        img = nib.Nifti1Image(brain(0), AFFINE)
+        img.header["pixdim"][1:4] = zooms
+        folder = tmp_path / "in" / name
+        folder.mkdir(parents=True)
+        nib.save(img, str(folder / f"{name}_t1ce.nii.gz"))
+        case = {"case_id": name, "t1c": str(folder / f"{name}_t1ce.nii.gz"),
+                "t2w": save(folder / f"{name}_t2.nii.gz", brain(1))}
+        assert not problems([case])
+        assert "disagrees with its sform voxels 6 x 6 x 6 mm; the sform is used" in caplog.text
+        loaded = Compose(preprocessing_transforms(**TINY_CHAIN)[:2])({"t1c": case["t1c"]})["t1c"]
+        assert np.allclose(loaded.affine.numpy(), AFFINE)
+    workflow(tmp_path, input_dir=str(tmp_path / "in"), output_dir=str(tmp_path / "out")).run()
+    for name in ("conflict", "zero"):  # the mask lies on the T1C's 6 mm grid, not on 7.5 mm or 1 mm slices
+        mask = nib.load(str(tmp_path / "out" / f"{name}_seg.nii.gz"))
+        assert mask.shape == (32, 32, 32) and np.allclose(mask.affine, AFFINE)
+    # a 0.5 x 0.5 x 10 mm whole-brain scan (15 slices) passes; a small one is refused naming its real extent
+    thick = np.diag([0.5, 0.5, 10.0, 1.0])
+    vol = np.zeros((160, 160, 15), np.float32)
+    vol[20:140, 20:140, 2:13] = np.random.default_rng(0).uniform(100, 1000, (120, 120, 11))
+    case = {"case_id": "thick", "t1c": save(tmp_path / "thick" / "t1c.nii.gz", vol, thick),
+            "t2w": save(tmp_path / "thick" / "t2w.nii.gz", vol[::-1].copy(), thick)}
+    assert not problems([case])
+    small = np.diag([1.5, 1.5, 1.5, 1.0])
+    case = {"case_id": "small", "t1c": save(tmp_path / "small" / "t1c.nii.gz", brain(0), small),
+            "t2w": save(tmp_path / "small" / "t2w.nii.gz", brain(1), small)}
+    assert "too small for a brain volume: 48 mm along axis 0 (at least 64 mm); shape (32, 32, 32), field of view " \
+           "48 x 48 x 48 mm" in problems([case])["small"]
+
+
+# -- item 7: a whole head is refused when inference runs without brain extraction -----------------------------------
+
+def test_item7_whole_head_with_skull_is_refused(tmp_path, brats_case):
+    colin = SHARED_DATA / "colin27"
+    if not (colin / "ch2.nii.gz").is_file():
+        pytest.skip("shared colin27 head not available")
+    head = {"case_id": "colin", "t1c": str(colin / "ch2.nii.gz"), "t2w": str(colin / "ch2.nii.gz")}
+    found = skull_problem(head)
+    assert found and "whole head, not a skull-stripped brain" in found and "4152 mL" in found
+    assert skull_problem({"t1c": str(colin / "ch2bet.nii.gz")}) is None
+    assert skull_problem(brats_case) is None
+    assert skull_problem({"t1c": str(SHARED_DATA / "sri24" / "sri24_t1_brain.nii.gz")}) is None
+    # in the inference check: refused with the reason; the check can be left out (brain extraction strips it first)
+    t2w = tmp_path / "ch2_t2w.nii.gz"  # another image on the same grid, so that only the skull is in question
+    img = nib.load(head["t1c"])
+    nib.save(nib.Nifti1Image(np.asanyarray(img.dataobj)[::-1].copy(), img.affine), str(t2w))
+    head["t2w"] = str(t2w)
+    assert "t1c: looks like a whole head" in problems([head])["colin"]
+    assert not problems([head], check_skull=False)
