@@ -1,5 +1,6 @@
 """Second round of hostile inputs (docs/reliability.md): what the network sees, what inference writes,
 what it tells. One test per numbered item of the round, named after it."""
+import json
 from pathlib import Path
 
 import nibabel as nib
@@ -9,11 +10,13 @@ import torch
 from conftest import SHARED_DATA
 from monai.data import MetaTensor
 from monai.transforms import Compose, MapTransform
-from test_inference_safety import workflow
+from test_inference_safety import checkpoint, failure, workflow
 
+from scripts.calibration import Calibration, CalibrationError, read_temperatures, store_calibration
 from scripts.data.demo_cohort import make_case
 from scripts.data.transforms import BrainZScored, RobustIntensityd, preprocessing_transforms
 from scripts.inference import CaseCheck, skull_problem
+from scripts.jsonio import strict_json
 
 AFFINE = np.diag([6.0, 6.0, 6.0, 1.0])
 TINY_CHAIN = dict(pixdim=[6.0, 6.0, 6.0], spatial_size=[32, 32, 32])  # the tiny case's own grid: no resampling
@@ -216,3 +219,38 @@ def test_item7_whole_head_with_skull_is_refused(tmp_path, brats_case):
     head["t2w"] = str(t2w)
     assert "t1c: looks like a whole head" in problems([head])["colin"]
     assert not problems([head], check_skull=False)
+
+
+# -- item 1: calibration temperatures are checked when read; strict JSON ------------------------------------------
+
+def test_item1_calibration_temperatures_are_validated_and_reported_per_task(tmp_path):
+    ckpt = checkpoint(tmp_path)
+    store_calibration(ckpt, {"temperature": {"idh": 2.0}, "split": "validation"})
+    tiny_case(tmp_path / "in" / "P1")
+    case_dir = tmp_path / "in" / "P1"
+    for key, name in (("t1c", "P1_t1ce"), ("t2w", "P1_t2")):
+        (case_dir / f"{key}.nii.gz").rename(case_dir / f"{name}.nii.gz")
+    workflow(tmp_path, input_dir=str(tmp_path / "in"), output_dir=str(tmp_path / "out")).run()
+    text = (tmp_path / "out" / "P1.json").read_text()
+    result = json.loads(text)
+    assert result["idh"]["calibrated"] is True and result["idh"]["temperature"] == 2.0
+    assert result["grade"]["calibrated"] is False and "temperature" not in result["grade"]
+    assert result["calibrated"] is False  # one task calibrated is not all three
+    for bad in (-1.0, float("inf"), 0.0, float("nan"), "2", True, 1e-9, 1e6):
+        store_calibration(ckpt, {"temperature": {"grade": bad}, "split": "validation"})
+        with pytest.raises(CalibrationError) as err:
+            read_temperatures(ckpt)
+        assert str(ckpt) in str(err.value) and "'grade'" in str(err.value) and repr(bad) in str(err.value)
+        # evaluation reads them through the same check: a T = -1 model's report is refused, not computed on raw logits
+        with pytest.raises(CalibrationError):
+            Calibration(str(ckpt)).update_report({"tasks": {"grade": {}}}, np.full((4, 1, 2), 0.5),
+                                                 np.array([[0], [1], [0], [1]]), ["grade"])
+    err = failure(workflow(tmp_path, input_dir=str(tmp_path / "in"), output_dir=str(tmp_path / "out2")),
+                  CalibrationError)
+    assert "calibration temperature of task 'grade'" in str(err) and str(ckpt) in str(err)
+    assert not (tmp_path / "out2" / "P1.json").exists()
+    # strict JSON: no NaN or Infinity anywhere, null and a reason instead
+    text = strict_json({"tasks": {"grade": {"roc_auc": float("nan"), "f1": 1.0}}, "x": [float("inf")]})
+    loaded = json.loads(text, parse_constant=lambda c: pytest.fail(f"bare {c} in the JSON"))
+    assert loaded["tasks"]["grade"]["roc_auc"] is None and loaded["x"] == [None]
+    assert "one class only" in loaded["null_reasons"]["tasks.grade.roc_auc"] and "x.0" in loaded["null_reasons"]

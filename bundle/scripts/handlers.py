@@ -7,7 +7,6 @@ rank 0 only, so that a torchrun job leaves one copy of every file.
 from __future__ import annotations
 
 import csv
-import json
 import logging
 import os
 import random
@@ -27,6 +26,7 @@ from scripts.checkpoint import (
     remove_temporaries,
     safe_load,
 )
+from scripts.jsonio import strict_json
 from scripts.plots import plot_confusion_matrices, plot_reliability_diagrams, plot_roc_curves
 from scripts.savers import ModelFile
 
@@ -314,8 +314,7 @@ class EvaluationReport:
         details = engine.state.metric_details
         report = details["report"]
         tables = self.calibration.update_report(report, details["probs"], details["labels"], self.tasks)
-        with open(self.output_dir / "metrics.json", "w") as f:
-            json.dump(report, f, indent=2)
+        (self.output_dir / "metrics.json").write_text(strict_json(report) + "\n")
         plot_roc_curves(details["probs"], details["labels"], self.tasks, self.output_dir / "roc_curves.png")
         plot_confusion_matrices(report["tasks"], self.output_dir / "confusion_matrices.png")
         plot_reliability_diagrams(tables, self.output_dir / "reliability_diagram.png")

@@ -35,6 +35,7 @@ from scripts.data.datalist import IMAGE_KEYS, PATH_KEYS, SPLITS
 from scripts.data.discovery import NIFTI, PLAIN, PREFIXED
 from scripts.data.intensity import brain_mask, robust_intensity
 from scripts.data.validate import voxel_sizes
+from scripts.jsonio import strict_json
 
 logger = logging.getLogger(__name__)
 
@@ -391,14 +392,17 @@ class PredictionWriter:
             if bad:
                 self._fail(case_id, f"probabilities not finite for {', '.join(bad)}; nothing written")
                 continue
+            temps = (out.get("temperature") if isinstance(out, Mapping) else None) or {}
             for task in self.tasks:
                 cls = int(probs[task].argmax())
                 names = self.class_names.get(task)
                 result[task] = {"probabilities": [round(float(p), 6) for p in probs[task]], "class": cls,
-                                **({"class_name": names[cls]} if names else {})}
-            temps = out.get("temperature") if isinstance(out, Mapping) else None
-            if temps:  # probabilities of the temperature-scaled logits (docs/calibration.md)
-                result.update(calibrated=True, temperature={t: float(temps[t]) for t in self.tasks if t in temps})
+                                **({"class_name": names[cls]} if names else {}),
+                                "calibrated": task in temps, **({"temperature": float(temps[task])}
+                                                                if task in temps else {})}
+            if temps:  # probabilities of the temperature-scaled logits (docs/calibration.md); per task above
+                result.update(calibrated=all(t in temps for t in self.tasks),
+                              temperature={t: float(temps[t]) for t in self.tasks if t in temps})
             self.output_dir.mkdir(parents=True, exist_ok=True)
             mask = out.get(self.mask_key) if self.mask_key and isinstance(out, Mapping) else None
             if mask is not None:
@@ -406,7 +410,7 @@ class PredictionWriter:
                 save_volume(path, mask, np.uint8)
                 self.written.append(path.name)
             path = json_path(self.output_dir, item)
-            atomic_write(path, lambda p: p.write_text(json.dumps(result, indent=2)))
+            atomic_write(path, lambda p: p.write_text(strict_json(result)))
             self.written.append(path.name)
             add_to_manifest(self.output_dir, self.written)
             self.rows.append({"case_id": case_id,
