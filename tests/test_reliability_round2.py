@@ -1,6 +1,11 @@
 """Second round of hostile inputs (docs/reliability.md): what the network sees, what inference writes,
 what it tells. One test per numbered item of the round, named after it."""
+import hashlib
 import json
+import shutil
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import nibabel as nib
@@ -10,13 +15,15 @@ import torch
 from conftest import SHARED_DATA
 from monai.data import MetaTensor
 from monai.transforms import Compose, MapTransform
+from test_inference_safety import brats_case as brats_like_case
 from test_inference_safety import checkpoint, failure, workflow
 
 from scripts.calibration import Calibration, CalibrationError, read_temperatures, store_calibration
 from scripts.data.demo_cohort import make_case
 from scripts.data.transforms import BrainZScored, RobustIntensityd, preprocessing_transforms
-from scripts.inference import CaseCheck, skull_problem
+from scripts.inference import CaseCheck, OutputExistsError, PredictionWriter, atomic_write, skull_problem
 from scripts.jsonio import strict_json
+from scripts.options import TrainingLockError
 
 AFFINE = np.diag([6.0, 6.0, 6.0, 1.0])
 TINY_CHAIN = dict(pixdim=[6.0, 6.0, 6.0], spatial_size=[32, 32, 32])  # the tiny case's own grid: no resampling
@@ -55,6 +62,12 @@ def tiny_case(folder: Path, t1c: np.ndarray | None = None, t2w: np.ndarray | Non
 def network_input(case: dict, chain: list | None = None, **sizes) -> torch.Tensor:
     transforms = preprocessing_transforms(**(sizes or TINY_CHAIN)) if chain is None else chain
     return Compose(transforms)({k: case[k] for k in ("t1c", "t2w")})["image"].as_tensor()
+
+
+def printed(capfd) -> str:
+    """What the bundle's logging printed since the last call (its config logs to stdout)."""
+    out = capfd.readouterr()
+    return out.out + out.err
 
 
 def problems(cases: list[dict], **kwargs) -> dict[str, str]:
@@ -254,3 +267,79 @@ def test_item1_calibration_temperatures_are_validated_and_reported_per_task(tmp_
     loaded = json.loads(text, parse_constant=lambda c: pytest.fail(f"bare {c} in the JSON"))
     assert loaded["tasks"]["grade"]["roc_auc"] is None and loaded["x"] == [None]
     assert "one class only" in loaded["null_reasons"]["tasks.grade.roc_auc"] and "x.0" in loaded["null_reasons"]
+
+
+# -- item 5: outputs never inside the inputs, one run at a time, overwrite keeps what the user changed -------------
+
+def test_item5_outputs_locked_hashed_and_never_inside_input_folders(tmp_path, capfd):
+    for name, seed in (("A", 0), ("B", 2)):
+        brats_like_case(tmp_path / "in", name, seed)
+    # datalist mode: an output folder that is (or lies inside) a folder of the listed cases is refused
+    dl = tmp_path / "dl.json"
+    dl.write_text(json.dumps({"testing": [{"case_id": "A", "t1c": "in/A/A_t1ce.nii.gz", "t2w": "in/A/A_t2.nii.gz"}]}))
+    for out in (tmp_path / "in" / "A", tmp_path / "in" / "A" / "pred"):
+        err = failure(workflow(tmp_path, datalist=str(dl), output_dir=str(out)), OutputExistsError)
+        assert "lies inside the input folder" in str(err) and str(tmp_path / "in" / "A") in str(err)
+    assert not (tmp_path / "in" / "A" / "A.json").exists() and not (tmp_path / "in" / "A" / "pred").exists()
+    # a second run into a folder that a live run holds is refused; a lock left by a dead run is taken over
+    out = tmp_path / "out"
+    out.mkdir()
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (out / ".igreg_inference.lock").write_text(json.dumps({"pid": other.pid, "host": socket.gethostname()}))
+        err = failure(workflow(tmp_path, input_dir=str(tmp_path / "in"), output_dir=str(out)), TrainingLockError)
+        assert f"another inference run (pid {other.pid}) is using {out}" in str(err)
+    finally:
+        other.kill()
+        other.wait()
+    workflow(tmp_path, input_dir=str(tmp_path / "in"), output_dir=str(out)).run()
+    assert "taking over the stale lock" in printed(capfd)
+    assert not (out / ".igreg_inference.lock").exists() and not (out / ".igreg_incomplete").exists()
+    manifest = json.loads((out / ".igreg_outputs.json").read_text())["files"]
+    assert manifest["A_seg.nii.gz"] == hashlib.sha256((out / "A_seg.nii.gz").read_bytes()).hexdigest()
+    # --overwrite: a mask corrected by hand at one of this run's outputs is refused, naming it, and kept
+    corrected = nib.load(str(out / "A_seg.nii.gz"))
+    nib.save(nib.Nifti1Image(np.ones(corrected.shape, np.uint8), corrected.affine), str(out / "A_seg.nii.gz"))
+    edited = (out / "A_seg.nii.gz").read_bytes()
+    err = failure(workflow(tmp_path, input_dir=str(tmp_path / "in"), output_dir=str(out), overwrite=True),
+                  OutputExistsError)
+    assert "A_seg.nii.gz was changed since an inference run of this bundle wrote it" in str(err)
+    assert (out / "A_seg.nii.gz").read_bytes() == edited and (out / "B.json").exists()
+    # ... and elsewhere (case A no longer predicted) it is kept and named; the unchanged files of the run go
+    shutil.rmtree(tmp_path / "in" / "A")
+    capfd.readouterr()
+    workflow(tmp_path, input_dir=str(tmp_path / "in"), output_dir=str(out), overwrite=True).run()
+    assert (out / "A_seg.nii.gz").read_bytes() == edited and not (out / "A.json").exists()
+    assert "kept 1 file(s) changed since this bundle wrote them: A_seg.nii.gz" in printed(capfd)
+    assert sorted(json.loads((out / ".igreg_outputs.json").read_text())["files"]) == [
+        "B.json", "B_seg.nii.gz", "predictions.csv"]
+    # unique temporary names: two writes of one file never share one
+    names = []
+    for _ in range(2):
+        atomic_write(out / "x.txt", lambda p: names.append(p.name) or p.write_text("x"))
+    assert len(set(names)) == 2
+
+
+def test_item5_a_run_that_dies_is_reported_and_its_files_removed_by_overwrite(tmp_path, capfd, monkeypatch):
+    for name, seed in (("A", 0), ("B", 2)):
+        brats_like_case(tmp_path / "in", name, seed)
+    out = tmp_path / "out"
+
+    def die(self, engine):
+        raise RuntimeError("killed")
+
+    with monkeypatch.context() as m:
+        m.setattr(PredictionWriter, "write_table", die)  # dies after every case's files were written
+        with pytest.raises(Exception):
+            workflow(tmp_path, input_dir=str(tmp_path / "in"), output_dir=str(out)).run()
+    assert (out / ".igreg_incomplete").exists()
+    assert {"A.json", "A_seg.nii.gz", "B.json"} <= set(json.loads((out / ".igreg_outputs.json").read_text())["files"])
+    err = failure(workflow(tmp_path, input_dir=str(tmp_path / "in"), output_dir=str(out)), OutputExistsError)
+    assert "of a run that did not finish" in str(err)
+    shutil.rmtree(tmp_path / "in" / "A")
+    workflow(tmp_path, input_dir=str(tmp_path / "in"), output_dir=str(out), overwrite=True).run()
+    logged = printed(capfd)
+    assert "an earlier inference run into" in logged and "did not finish" in logged
+    assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) == [
+        "B.json", "B_seg.nii.gz", "predictions.csv"]
+    assert not (out / ".igreg_incomplete").exists()

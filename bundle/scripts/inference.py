@@ -17,9 +17,14 @@ Safety rules (see docs/reliability.md):
 from __future__ import annotations
 
 import csv
+import errno
+import hashlib
 import json
 import logging
 import os
+import shutil
+import time
+import uuid
 from pathlib import Path
 from typing import Any, Hashable, Mapping, Sequence
 
@@ -36,10 +41,13 @@ from scripts.data.discovery import NIFTI, PLAIN, PREFIXED
 from scripts.data.intensity import brain_mask, robust_intensity
 from scripts.data.validate import voxel_sizes
 from scripts.jsonio import strict_json
+from scripts.options import acquire_lock, release_lock
 
 logger = logging.getLogger(__name__)
 
-MANIFEST = ".igreg_outputs.json"  # the files an inference run wrote (removed by the next run with overwrite)
+MANIFEST = ".igreg_outputs.json"  # the files an inference run wrote, with their hashes (for overwrite)
+INCOMPLETE = ".igreg_incomplete"  # present while a run is writing: left behind by a run that died
+INFERENCE_LOCK = ".igreg_inference.lock"  # one inference run at a time per output folder
 TABLE = "predictions.csv"
 ERRORS = "prediction_errors.csv"
 RUN_FILES = (TABLE, ERRORS, MANIFEST)
@@ -261,55 +269,139 @@ def prepare_output_dir(output_dir: str, cases: Sequence[Mapping[str, Any]], over
             case = next((c["case_id"] for c in cases if target in case_outputs(out, c, saliency_tasks)), None)
             who = f"case {case!r}: output" if case is not None else "output"
             raise OutputExistsError(f"{who} {target} would overwrite an input file; choose another output_dir")
-    if input_dir and (out == Path(input_dir).resolve() or Path(input_dir).resolve() in out.parents):
-        raise OutputExistsError(f"output_dir {out} lies inside input_dir {input_dir}: the predicted masks "
-                                "(<case>_seg.nii.gz) would later be found as ground truth; choose a folder outside it")
+    folders = {Path(input_dir).resolve()} if input_dir else set()
+    folders |= {Path(str(v)).resolve().parent for c in cases for k, v in c.items()
+                if k in PATH_KEYS and isinstance(v, str)}
+    folders |= {Path(p).resolve().parent for p in inputs if Path(p).suffix != ".json"}
+    for folder in sorted(folders):
+        if out == folder or folder in out.parents:
+            what = f"input_dir {input_dir}" if input_dir and folder == Path(input_dir).resolve() else \
+                f"the input folder {folder}"
+            raise OutputExistsError(f"output_dir {out} lies inside {what}: the predicted masks (<case>_seg.nii.gz) "
+                                    "would later be found as ground truth; choose a folder outside it")
     if out.exists() and not out.is_dir():
         raise OutputExistsError(f"output_dir {out} is a file, not a folder")
-    written_before = set(read_manifest(out))
+    unfinished = _read_json(out / INCOMPLETE)
+    if unfinished is not None:
+        logger.warning(f"an earlier inference run into {out} did not finish (pid {unfinished.get('pid', '?')}, "
+                       f"started {unfinished.get('started', '?')}): its outputs may be partial"
+                       + ("; they are removed now (overwrite)" if overwrite else ""))
+    written_before = read_manifest(out)
     previous = [p for p in (out / TABLE, out / ERRORS) if p.exists()] + ([out / MANIFEST] if written_before else [])
     if previous and not overwrite:
-        raise OutputExistsError(f"{out} holds an earlier run's results ({previous[0].name}); "
+        died = " of a run that did not finish" if unfinished is not None else ""
+        raise OutputExistsError(f"{out} holds an earlier run's results{died} ({previous[0].name}); "
                                 "choose another output_dir or set overwrite=true")
-    foreign = [p for p in outputs if p.exists() and p.name not in written_before]
-    if foreign and not overwrite:
-        raise OutputExistsError(f"{foreign[0]} exists and was not written by an inference run of this bundle; "
-                                "choose another output_dir or set overwrite=true")
+    ours = {name for name, digest in written_before.items() if digest and file_hash(out / name) == digest}
+    changed = sorted(name for name in written_before if name not in ours and (out / name).exists())
+    for p in outputs:
+        if p.exists() and p.name not in ours:
+            why = ("was changed since an inference run of this bundle wrote it (e.g. corrected by hand)"
+                   if p.name in written_before else "was not written by an inference run of this bundle "
+                   f"(it is not in {MANIFEST})")
+            hint = "move it away or choose another output_dir" if overwrite else \
+                "choose another output_dir or set overwrite=true"
+            if overwrite or p.name not in written_before:
+                raise OutputExistsError(f"{p} {why}; this run would write over it: {hint}")
     try:
         out.mkdir(parents=True, exist_ok=True)
-        probe = out / f".igreg_write_test.{os.getpid()}"
+        probe = out / f".igreg_write_test.{os.getpid()}.{uuid.uuid4().hex[:8]}"
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as err:
         raise OutputExistsError(f"output_dir {out} cannot be written: {err}") from None
+    acquire_lock(out, INFERENCE_LOCK, "inference run", "--output_dir")
     if overwrite:
-        for name in written_before | {p.name for p in previous}:
+        for name in ours | {p.name for p in previous if p.name != MANIFEST}:
             path = out / name
             if path.resolve() not in protected and path.parent == out:
                 path.unlink(missing_ok=True)
-        write_manifest(out, [])
+        if changed:
+            logger.warning(f"overwrite: kept {len(changed)} file(s) changed since this bundle wrote them: "
+                           f"{', '.join(changed)}")
+        write_manifest(out, {})
+    (out / INCOMPLETE).write_text(json.dumps({"pid": os.getpid(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}))
     return str(out)
 
 
-def read_manifest(out: Path) -> list[str]:
-    """The file names the runs in `out` wrote (the folder's manifest; [] when there is none)."""
+def _read_json(path: Path) -> Any:
     try:
-        names = json.loads((out / MANIFEST).read_text())["files"]
-        return [n for n in names if isinstance(n, str) and "/" not in n and os.sep not in n]
-    except (OSError, ValueError, KeyError, TypeError):
-        return []
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
 
 
-def write_manifest(out: Path, names: Sequence[str]) -> None:
-    """Replace the manifest of `out` by `names` (atomically)."""
-    tmp = out / (MANIFEST + ".tmp")
-    tmp.write_text(json.dumps({"files": sorted(set(names))}, indent=1) + "\n")
-    os.replace(tmp, out / MANIFEST)
+def file_hash(path: Path) -> str | None:
+    """SHA-256 of a file's content, None when it cannot be read."""
+    digest = hashlib.sha256()
+    try:
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+    except OSError:
+        return None
+    return digest.hexdigest()
 
 
-def add_to_manifest(out: Path, names: Sequence[str]) -> None:
-    """Record `names` as written by this run, so that `--overwrite true` removes them later."""
-    write_manifest(out, [*read_manifest(out), *names])
+def read_manifest(out: Path) -> dict[str, str | None]:
+    """{file name: SHA-256 of the content written} of the files the runs in `out` wrote (the folder's
+    manifest; {} when there is none; None hashes from a manifest of bundles before 0.6.0)."""
+    found = _read_json(out / MANIFEST)
+    files = found.get("files") if isinstance(found, dict) else None
+    if isinstance(files, list):
+        files = dict.fromkeys(files)
+    if not isinstance(files, dict):
+        return {}
+    return {n: (h if isinstance(h, str) else None) for n, h in files.items()
+            if isinstance(n, str) and "/" not in n and os.sep not in n}
+
+
+def write_manifest(out: Path, files: Mapping[str, str | None]) -> None:
+    """Replace the manifest of `out` by `files` ({name: hash}, atomically)."""
+    text = json.dumps({"files": dict(sorted(files.items()))}, indent=1) + "\n"
+    atomic_write(out / MANIFEST, lambda p: p.write_text(text))
+
+
+def add_to_manifest(out: Path, files: Mapping[str, str | None]) -> None:
+    """Record `files` ({name: hash}) as written by this run, so that `--overwrite true` removes them later
+    (as long as their content is unchanged)."""
+    write_manifest(out, {**read_manifest(out), **files})
+
+
+def write_output(path: Path, write: Any, size: int | None = None) -> None:
+    """Write one output of an inference run: atomically (`atomic_write`), with its content hash recorded in
+    the folder's manifest before it takes its name, so that a run that dies leaves every file it wrote
+    listed. A full disk (or another OS error) raises :class:`OutputWriteError` naming the folder and the
+    space needed (`size`, bytes, when known)."""
+    def record_then_rename(tmp: Path) -> None:
+        write(tmp)
+        add_to_manifest(path.parent, {path.name: file_hash(tmp)})
+
+    try:
+        atomic_write(path, record_then_rename)
+    except OSError as err:
+        raise OutputWriteError.of(path, err, size) from None
+
+
+class OutputWriteError(OSError):
+    """An output could not be written (e.g. the disk is full); the message names the folder and the space."""
+
+    @classmethod
+    def of(cls, path: Path, err: OSError, size: int | None = None) -> OutputWriteError:
+        try:
+            free = shutil.disk_usage(path.parent).free
+        except OSError:
+            free = None
+        need = f"about {size / 1e6:.1f} MB needed, " if size else ""
+        room = f"{free / 1e6:.1f} MB free" if free is not None else "free space unknown"
+        full = "no space left on the device" if err.errno == errno.ENOSPC else (err.strerror or str(err))
+        return cls(err.errno, f"cannot write {path.name} in {path.parent}: {full} ({need}{room})")
+
+
+def finish_run(out: Path) -> None:
+    """Mark the run in `out` as finished: remove its incomplete-run marker and release its lock."""
+    (out / INCOMPLETE).unlink(missing_ok=True)
+    release_lock(out / INFERENCE_LOCK)
 
 
 class SplitPredictiond(MapTransform):
@@ -338,7 +430,7 @@ class SplitPredictiond(MapTransform):
 
 def atomic_write(path: Path, write: Any) -> None:
     """`write(tmp)` to a hidden file beside `path`, then rename it to `path`: never a partial file."""
-    tmp = path.with_name(f".tmp.{os.getpid()}.{path.name}")  # keeps the extension nibabel reads
+    tmp = path.with_name(f".tmp.{os.getpid()}.{uuid.uuid4().hex[:8]}.{path.name}")  # keeps the extension nibabel reads
     try:
         write(tmp)
         os.replace(tmp, path)
@@ -349,12 +441,12 @@ def atomic_write(path: Path, write: Any) -> None:
 
 def save_volume(path: Path, volume: Any, dtype: type) -> None:
     """A [1, *S] or [*S] volume with its affine (a MetaTensor's, else identity) as NIfTI of `dtype`,
-    written atomically (`atomic_write`)."""
+    an output of the run (`write_output`: atomic, recorded in the manifest)."""
     data = np.asarray(torch.as_tensor(volume).detach().float().cpu().numpy())
     data = data[0] if data.ndim == 4 else data
     affine = np.asarray(torch.as_tensor(getattr(volume, "affine", torch.eye(4))).cpu().numpy(), np.float64)
     image = nib.Nifti1Image(data.astype(dtype), affine)
-    atomic_write(path, lambda p: nib.save(image, str(p)))
+    write_output(path, lambda p: nib.save(image, str(p)), size=data.size * np.dtype(dtype).itemsize)
 
 
 class PredictionWriter:
@@ -372,7 +464,6 @@ class PredictionWriter:
         self.errors = errors
         self.mask_key = mask_key
         self.rows: list[dict[str, Any]] = []
-        self.written: list[str] = []
 
     def attach(self, engine: Engine) -> None:
         engine.add_event_handler(Events.ITERATION_COMPLETED, self.write_cases)
@@ -405,14 +496,14 @@ class PredictionWriter:
                               temperature={t: float(temps[t]) for t in self.tasks if t in temps})
             self.output_dir.mkdir(parents=True, exist_ok=True)
             mask = out.get(self.mask_key) if self.mask_key and isinstance(out, Mapping) else None
-            if mask is not None:
-                path = mask_path(self.output_dir, item)
-                save_volume(path, mask, np.uint8)
-                self.written.append(path.name)
-            path = json_path(self.output_dir, item)
-            atomic_write(path, lambda p: p.write_text(strict_json(result)))
-            self.written.append(path.name)
-            add_to_manifest(self.output_dir, self.written)
+            text = strict_json(result)
+            try:
+                if mask is not None:
+                    save_volume(mask_path(self.output_dir, item), mask, np.uint8)
+                write_output(json_path(self.output_dir, item), lambda p: p.write_text(text), size=len(text))
+            except OutputWriteError as err:  # e.g. a full disk: this case is reported, the run goes on
+                self._fail(case_id, str(err))
+                continue
             self.rows.append({"case_id": case_id,
                               **{f"{t}_prob": result[t]["probabilities"][-1] for t in self.tasks},
                               **{f"{t}_class": result[t]["class"] for t in self.tasks}})
@@ -421,12 +512,15 @@ class PredictionWriter:
         rows = [r for part in idist.all_gather(self.rows) for r in part] if idist.get_world_size() > 1 else self.rows
         if idist.get_rank() != 0 or not rows:
             return
-        with open(self.csv_path, "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=list(rows[0]))
-            w.writeheader()
-            w.writerows(sorted(rows, key=lambda r: r["case_id"]))
-        add_to_manifest(self.output_dir, [self.csv_path.name])
+        write_output(self.csv_path, lambda p: write_csv(p, sorted(rows, key=lambda r: r["case_id"])))
         logger.info(f"{len(rows)} predictions written to {self.output_dir}")
+
+
+def write_csv(path: Path, rows: Sequence[Mapping[str, Any]], fields: Sequence[str] | None = None) -> None:
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(fields or rows[0]))
+        w.writeheader()
+        w.writerows(rows)
 
 
 def run_evaluator(evaluator: Engine, check: CaseCheck) -> None:
@@ -436,16 +530,15 @@ def run_evaluator(evaluator: Engine, check: CaseCheck) -> None:
 
 
 def finish_inference(output_dir: str, check: CaseCheck) -> None:
-    """Write `prediction_errors.csv` when some cases got no prediction, and raise an
-    :class:`InferenceError` naming them (so the command exits non-zero)."""
-    if not check.errors:
-        return
+    """End the run: write `prediction_errors.csv` when some cases got no prediction, mark the run as
+    finished (`finish_run`), and raise an :class:`InferenceError` naming the bad cases (so the
+    command exits non-zero)."""
     out = Path(output_dir)
-    with open(out / ERRORS, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=["case_id", "field", "file", "problem"])
-        w.writeheader()
-        w.writerows(check.errors)
-    add_to_manifest(out, [ERRORS])
+    if not check.errors:
+        finish_run(out)
+        return
+    write_output(out / ERRORS, lambda p: write_csv(p, check.errors, ["case_id", "field", "file", "problem"]))
+    finish_run(out)
     cases = list(dict.fromkeys(e["case_id"] for e in check.errors))
     done = len(check.good) - sum(e["field"] == "prediction" for e in check.errors)
     first = check.errors[0]
