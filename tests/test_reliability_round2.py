@@ -19,11 +19,20 @@ from test_inference_safety import brats_case as brats_like_case
 from test_inference_safety import checkpoint, failure, workflow
 
 from scripts.calibration import Calibration, CalibrationError, read_temperatures, store_calibration
+from scripts.data import DatalistError, find_cases
 from scripts.data.demo_cohort import make_case
 from scripts.data.transforms import BrainZScored, RobustIntensityd, preprocessing_transforms
-from scripts.inference import CaseCheck, OutputExistsError, PredictionWriter, atomic_write, skull_problem
+from scripts.inference import (
+    CaseCheck,
+    OutputExistsError,
+    PredictionWriter,
+    atomic_write,
+    inference_cases,
+    skull_problem,
+)
 from scripts.jsonio import strict_json
 from scripts.options import TrainingLockError
+from scripts.prepare_datalist import build
 
 AFFINE = np.diag([6.0, 6.0, 6.0, 1.0])
 TINY_CHAIN = dict(pixdim=[6.0, 6.0, 6.0], spatial_size=[32, 32, 32])  # the tiny case's own grid: no resampling
@@ -343,3 +352,31 @@ def test_item5_a_run_that_dies_is_reported_and_its_files_removed_by_overwrite(tm
     assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) == [
         "B.json", "B_seg.nii.gz", "predictions.csv"]
     assert not (out / ".igreg_incomplete").exists()
+
+
+# -- item 6: discovery says what it skips -----------------------------------------------------------------------------
+
+def test_item6_symlinked_and_brats_named_case_folders_found_and_orphans_reported(tmp_path, caplog, capfd):
+    root = tmp_path / "cases"
+    brats_like_case(root, "A")
+    plain = root / "P"  # plain layout with BraTS-style names
+    save(plain / "t1ce.nii.gz", brain(0))
+    save(plain / "t2.nii.gz", brain(1))
+    brats_like_case(tmp_path / "elsewhere", "L")
+    (root / "L").symlink_to(tmp_path / "elsewhere" / "L", target_is_directory=True)
+    save(root / "O" / "T1C_gd.nii.gz", brain(0))  # image files that form no case
+    save(root / "O" / "flair.nii.gz", brain(1))
+    (root / "loop").symlink_to(root, target_is_directory=True)  # a cycle is walked once
+    cases = find_cases(root)
+    assert [c["case_id"] for c in cases] == ["A", "L", "P"]
+    assert cases[2]["t1c"].endswith("P/t1ce.nii.gz") and cases[2]["t2w"].endswith("P/t2.nii.gz")
+    text = caplog.text + printed(capfd)
+    assert "1 folder(s) hold NIfTI files that form no case" in text and str(root / "O") in text
+    assert "T1C_gd.nii.gz" in text and "--strict true makes this an error" in text
+    with pytest.raises(DatalistError, match="form no case.*/O "):
+        find_cases(root, strict=True)
+    with pytest.raises(DatalistError, match="form no case"):
+        inference_cases(input_dir=str(root), strict=True)
+    with pytest.raises(DatalistError, match="form no case"):
+        build(str(root), output=str(tmp_path / "dl.json"), strict=True)
+    assert [c["case_id"] for c in inference_cases(input_dir=str(root))] == ["A", "L", "P"]

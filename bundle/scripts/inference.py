@@ -115,19 +115,21 @@ def case_outputs(output_dir: str | os.PathLike, case: Mapping[str, Any],
 def _looked_for() -> str:
     t1c = "|".join(PREFIXED["t1c"])
     t2w = "|".join(PREFIXED["t2w"])
-    return (f"<case>{{{t1c}}} + <case>{{{t2w}}} NIfTI pairs ({'/'.join(NIFTI)}) or <case>/{PLAIN['t1c'][0]} + "
-            f"<case>/{PLAIN['t2w'][0]} folders")
+    plain_t1c, plain_t2w = "|".join(PLAIN["t1c"]), "|".join(PLAIN["t2w"])
+    return (f"<case>{{{t1c}}} + <case>{{{t2w}}} NIfTI pairs ({'/'.join(NIFTI)}) or <case>/{{{plain_t1c}}} + "
+            f"<case>/{{{plain_t2w}}} folders")
 
 
 def inference_cases(datalist: str | None = None, input_dir: str | None = None, split: str = "testing",
-                    base_dir: str | None = None) -> list[dict]:
+                    base_dir: str | None = None, strict: bool = False) -> list[dict]:
     """Cases to predict: every case found in `input_dir` if given, else the `split` list of a datalist JSON.
 
-    No case found is an error saying what was looked for, where."""
+    No case found is an error saying what was looked for, where. Folders under `input_dir` whose
+    NIfTI files form no case are listed in a warning, or (`strict`) refused."""
     if input_dir:
         if not Path(input_dir).is_dir():
             raise FileNotFoundError(f"input_dir {input_dir} is not a folder")
-        cases = [{k: c[k] for k in ("case_id", "t1c", "t2w")} for c in find_cases(input_dir)]
+        cases = [{k: c[k] for k in ("case_id", "t1c", "t2w")} for c in find_cases(input_dir, strict)]
         if not cases:
             raise DatalistError("*", "input_dir", f"no case found under {input_dir}: looked for {_looked_for()}")
         return cases
