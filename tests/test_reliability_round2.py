@@ -1,5 +1,7 @@
 """Second round of hostile inputs (docs/reliability.md): what the network sees, what inference writes,
 what it tells. One test per numbered item of the round, named after it."""
+import csv
+import errno
 import hashlib
 import json
 import shutil
@@ -13,26 +15,36 @@ import numpy as np
 import pytest
 import torch
 from conftest import SHARED_DATA
+from ignite.engine import Engine
 from monai.data import MetaTensor
 from monai.transforms import Compose, MapTransform
 from test_inference_safety import brats_case as brats_like_case
 from test_inference_safety import checkpoint, failure, workflow
+from torch import nn
 
 from scripts.calibration import Calibration, CalibrationError, read_temperatures, store_calibration
-from scripts.data import DatalistError, find_cases
+from scripts.checkpoint import CheckpointError, atomic_save, check_network_weights, safe_load, with_settings
+from scripts.data import DatalistError, check_case, find_cases, load_datalist
+from scripts.data.datalist import DatalistFileError, datalist_fingerprint, write_datalist
 from scripts.data.demo_cohort import make_case
 from scripts.data.transforms import BrainZScored, RobustIntensityd, preprocessing_transforms
+from scripts.errors import bundle_error, message
+from scripts.handlers import TrainingState
 from scripts.inference import (
     CaseCheck,
+    InferenceError,
     OutputExistsError,
+    OutputWriteError,
     PredictionWriter,
     atomic_write,
     inference_cases,
     skull_problem,
 )
 from scripts.jsonio import strict_json
+from scripts.metrics import classification_report
 from scripts.options import TrainingLockError
-from scripts.prepare_datalist import build
+from scripts.prepare_datalist import build, read_labels
+from scripts.savers import SharedDiskSaver
 
 AFFINE = np.diag([6.0, 6.0, 6.0, 1.0])
 TINY_CHAIN = dict(pixdim=[6.0, 6.0, 6.0], spatial_size=[32, 32, 32])  # the tiny case's own grid: no resampling
@@ -380,3 +392,169 @@ def test_item6_symlinked_and_brats_named_case_folders_found_and_orphans_reported
     with pytest.raises(DatalistError, match="form no case"):
         build(str(root), output=str(tmp_path / "dl.json"), strict=True)
     assert [c["case_id"] for c in inference_cases(input_dir=str(root))] == ["A", "L", "P"]
+
+
+# -- item 8: resume refuses another datalist and a settings record that lies ------------------------------------------
+
+class Counter(nn.Module):
+    """A stand-in strategy: one parameter, one optimizer; each iteration adds 1 to the parameter."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.zeros(3))
+        self.optimizers = [torch.optim.SGD(self.parameters(), lr=0.1)]
+
+
+def run_counter(ckpt_dir: Path, epochs: int, **state_args) -> list[int]:
+    strategy, done = Counter(), []
+
+    def step(engine: Engine, _: object) -> None:
+        strategy.w.data.add_(1)
+        done.append(engine.state.iteration)
+
+    engine = Engine(step)
+    engine.state.skipped_steps = engine.state.consecutive_skipped = 0
+    TrainingState(strategy, None, str(ckpt_dir), save_every=1, **state_args).attach(engine)
+    engine.run(range(3), max_epochs=epochs, epoch_length=3)
+    return done
+
+
+def test_item8_resume_with_a_changed_datalist_or_a_lying_settings_record_is_refused(tmp_path):
+    training = [{"case_id": f"c{i}", "t1c": f"c{i}/t1c.nii.gz", "t2w": f"c{i}/t2w.nii.gz", "idh": i % 2}
+                for i in range(3)]
+    lists = {"training": training, "validation": [{"case_id": "v0", "t1c": "v/t1c.nii.gz", "t2w": "v/t2w.nii.gz"}]}
+    before = datalist_fingerprint(lists, ["training", "validation"], base_dir=tmp_path)
+    # c1 removed, c2 relabelled, c9 added
+    lists["training"] = [training[0], {**training[2], "idh": 1}, {**training[0], "case_id": "c9"}]
+    (tmp_path / "dl.json").write_text(json.dumps(lists))
+    after = datalist_fingerprint(str(tmp_path / "dl.json"), ["training", "validation"])
+    max_pool = {"network": {"pooling": "max"}, "pixdim": [1.0, 1.0, 1.0]}
+    assert run_counter(tmp_path, 1, settings=max_pool, datalist=before) == [1, 2, 3]
+    with pytest.raises(CheckpointError) as err:
+        run_counter(tmp_path, 2, settings=max_pool, datalist=after)
+    assert "saved with another datalist (training: 1 added ('c9'), 1 removed ('c1'), 1 changed ('c2'))" in \
+        str(err.value) and "--accept_datalist_change true" in str(err.value)
+    assert run_counter(tmp_path, 2, settings=max_pool, datalist=after, accept_datalist_change=True) == [4, 5, 6]
+    # this run's settings differ from the state's: refused, naming the setting
+    with pytest.raises(CheckpointError, match='network_def#pooling: checkpoint "max" vs this run "avg"'):
+        run_counter(tmp_path, 3, settings={**max_pool, "network": {"pooling": "avg"}}, datalist=after)
+    # the state's settings record edited to say "avg": it no longer matches its weights
+    state = safe_load(tmp_path / "training_state.pt")
+    state["settings"]["network"]["pooling"] = "avg"
+    torch.save(state, tmp_path / "training_state.pt")
+    with pytest.raises(CheckpointError, match="settings record does not match its weights"):
+        run_counter(tmp_path, 3, settings={**max_pool, "network": {"pooling": "avg"}}, datalist=after)
+    # the same for model.pt (inference, evaluation): an edited record is refused before the settings are compared
+    net = Counter()
+    model = with_settings(net.state_dict(), max_pool)
+    check_network_weights(net, model, "model.pt", max_pool)
+    model._metadata["igreg_settings"]["network"]["pooling"] = "avg"
+    with pytest.raises(CheckpointError, match="settings record does not match its weights"):
+        check_network_weights(net, model, "model.pt", {**max_pool, "network": {"pooling": "avg"}})
+
+
+# -- item 9: one-line errors, nothing half-written left -----------------------------------------------------------
+
+def disk_full(*args, **kwargs):
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+
+def test_item9_disk_full_and_odd_labels_csv_give_one_line_errors(tmp_path, monkeypatch):
+    for name, seed in (("A", 0), ("B", 2)):
+        brats_like_case(tmp_path / "in", name, seed)
+    out = tmp_path / "out"
+    real_save = nib.save
+
+    def save_until_b(image, path):  # the disk fills up while case B's mask is written
+        if "B_seg" in str(path):
+            Path(path).write_bytes(b"")
+            disk_full()
+        real_save(image, path)
+
+    with monkeypatch.context() as m:
+        m.setattr("scripts.inference.nib.save", save_until_b)
+        err = failure(workflow(tmp_path, input_dir=str(tmp_path / "in"), output_dir=str(out)), InferenceError)
+    line = message(bundle_error(err))
+    assert "\n" not in line and "1 case(s) got no prediction: B" in line and "no space left on the device" in line
+    rows = list(csv.DictReader(open(out / "prediction_errors.csv")))
+    assert [r["case_id"] for r in rows] == ["B"] and f"B_seg.nii.gz in {out}" in rows[0]["problem"]
+    assert " free)" in rows[0]["problem"] and "B needed" in rows[0]["problem"]
+    assert not [p.name for p in out.iterdir() if ".tmp" in p.name]
+    assert {"A.json", "A_seg.nii.gz", "prediction_errors.csv", "predictions.csv"} <= set(
+        json.loads((out / ".igreg_outputs.json").read_text())["files"])
+    # nothing can be written at all (the error list neither): one line naming the folder
+    with monkeypatch.context() as m:
+        m.setattr("scripts.inference.write_csv", disk_full)
+        m.setattr("scripts.inference.nib.save", disk_full)
+        err = failure(workflow(tmp_path, input_dir=str(tmp_path / "in"), output_dir=str(tmp_path / "o2")),
+                      OutputWriteError)
+    assert f"cannot write prediction_errors.csv in {tmp_path / 'o2'}: no space left on the device" in str(err)
+    # the training state, model.pt and a datalist: a full disk leaves the old file and no temporary file
+    (tmp_path / "ckpt").mkdir()
+
+    def half_then_full(obj, f, **kwargs):
+        f.write(b"x" * 1000)
+        disk_full()
+
+    with monkeypatch.context() as m:
+        m.setattr("scripts.checkpoint.torch.save", half_then_full)
+        with pytest.raises(CheckpointError, match=r"cannot write training_state.pt in .*ckpt: no space left on the "
+                                                  r"device \(about 1.0 kB needed"):
+            atomic_save({"a": torch.zeros(1)}, tmp_path / "ckpt" / "training_state.pt")
+        with pytest.raises(CheckpointError, match="cannot write model.pt in .*: no space left on the device"):
+            SharedDiskSaver(tmp_path / "ckpt")({"a": torch.zeros(1)}, "model.pt")
+    assert list((tmp_path / "ckpt").iterdir()) == []
+    with monkeypatch.context() as m:
+        m.setattr(Path, "write_text", lambda self, *a, **k: (open(self, "w").write("{\"train"), disk_full()))
+        with pytest.raises(DatalistFileError, match="cannot write the datalist .*dl.json in .*: No space left"):
+            write_datalist(tmp_path / "lists" / "dl.json", {"training": []})
+    assert list((tmp_path / "lists").iterdir()) == []
+    # labels CSV: ';' separator, UTF-16 (Excel's "Unicode text"), '1p/19q' and 'Case ID' columns are read
+    for name, text, encoding in (("semi.csv", "case_id;IDH;grade\nP1;1;0\n", "utf-8"),
+                                 ("utf16.csv", "Case ID\t1p/19q\tidh\nP1\t0\t1\n", "utf-16")):
+        (tmp_path / name).write_text(text, encoding=encoding)
+        assert read_labels(str(tmp_path / name))["P1"] in ({"idh": 1, "grade": 0}, {"1p19q": 0, "idh": 1})
+    (tmp_path / "noid.csv").write_text("patient,idh\nP1,1\n")
+    with pytest.raises(DatalistError) as err:
+        read_labels(str(tmp_path / "noid.csv"))
+    assert "noid.csv: the labels CSV needs a 'case_id' column, has ['patient', 'idh']" in message(err.value)
+    assert bundle_error(err.value) is err.value
+
+
+# -- item 10: the weak ones -----------------------------------------------------------------------------------------
+
+def test_item10_weak_cases_are_said(tmp_path, caplog):
+    # case_id "" is warned about and named by its stand-in; 0 is the id "0"
+    with caplog.at_level("WARNING"):
+        cases = load_datalist({"testing": [{"case_id": "", "t1c": "a/t1c.nii.gz", "t2w": "a/t2w.nii.gz"},
+                                           {"case_id": 0, "t1c": "b/t1c.nii.gz", "t2w": "b/t2w.nii.gz"}]},
+                              "testing", tmp_path)
+    assert [c["case_id"] for c in cases] == ["a/t1c", "0"]
+    assert "case #0 has an empty case_id (''); it is called 'a/t1c' instead" in caplog.text
+    # a test split where a task has one class: the macro scores are those of the classes that occur, AUC null + why
+    report = classification_report(np.zeros(4, int), np.array([[0.9, 0.1]] * 4))
+    assert report["macro_f1"] == 1.0 and "one class only" in report["note"]
+    written = json.loads(strict_json({"tasks": {"grade": report}}))
+    assert written["tasks"]["grade"]["roc_auc"] is None and "one class only" in \
+        written["null_reasons"]["tasks.grade.roc_auc"]
+    two = classification_report(np.array([0, 1, 1, 0]), np.array([[0.9, 0.1], [0.2, 0.8], [0.6, 0.4], [0.7, 0.3]]))
+    assert two["macro_f1"] == pytest.approx(0.7333333) and "note" not in two  # both classes: unchanged
+    # a mask that is not a label map (a probability map) is read as tumor wherever > 0, and a warning says so
+    folder = tmp_path / "prob"
+    mask = np.zeros((32, 32, 32), np.float32)
+    mask[10:14, 10:14, 10:14] = 0.3
+    case = {**tiny_case(folder), "seg": save(folder / "seg.nii.gz", mask)}
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        check_case(case, tasks=())
+    assert "the mask holds values that are not label numbers (e.g. 0.3" in caplog.text
+    caplog.clear()
+    brats = {**case, "seg": save(folder / "brats_seg.nii.gz", (mask > 0) * np.uint8(4))}  # labels 0/4: no warning
+    with caplog.at_level("WARNING"):
+        check_case(brats, tasks=())
+    assert "not label numbers" not in caplog.text
+    # a 1p/19q column is read as the task (names compared without punctuation); an unknown one is named
+    (tmp_path / "labels.csv").write_text("case_id,1p/19q,IDH status\nP1,1,1\n")
+    with caplog.at_level("WARNING"):
+        assert read_labels(str(tmp_path / "labels.csv")) == {"P1": {"1p19q": 1}}
+    assert "['IDH status'] are not task labels" in caplog.text

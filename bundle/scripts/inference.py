@@ -17,12 +17,10 @@ Safety rules (see docs/reliability.md):
 from __future__ import annotations
 
 import csv
-import errno
 import hashlib
 import json
 import logging
 import os
-import shutil
 import time
 import uuid
 from pathlib import Path
@@ -35,6 +33,7 @@ import torch
 from ignite.engine import Engine, Events
 from monai.transforms import MapTransform
 
+from scripts.checkpoint import write_failure
 from scripts.data import DatalistError, check_case, find_cases, load_datalist, read_datalist
 from scripts.data.datalist import IMAGE_KEYS, PATH_KEYS, SPLITS
 from scripts.data.discovery import NIFTI, PLAIN, PREFIXED
@@ -385,19 +384,12 @@ def write_output(path: Path, write: Any, size: int | None = None) -> None:
         raise OutputWriteError.of(path, err, size) from None
 
 
-class OutputWriteError(OSError):
+class OutputWriteError(RuntimeError):
     """An output could not be written (e.g. the disk is full); the message names the folder and the space."""
 
     @classmethod
     def of(cls, path: Path, err: OSError, size: int | None = None) -> OutputWriteError:
-        try:
-            free = shutil.disk_usage(path.parent).free
-        except OSError:
-            free = None
-        need = f"about {size / 1e6:.1f} MB needed, " if size else ""
-        room = f"{free / 1e6:.1f} MB free" if free is not None else "free space unknown"
-        full = "no space left on the device" if err.errno == errno.ENOSPC else (err.strerror or str(err))
-        return cls(err.errno, f"cannot write {path.name} in {path.parent}: {full} ({need}{room})")
+        return cls(write_failure(path, err, size or 0))
 
 
 def finish_run(out: Path) -> None:

@@ -108,7 +108,7 @@ def check_training_options(config: Mapping[str, Any], rank: int = 0) -> None:
         check_choice("feature_distance", c["feature_distance"], DISTANCES)
     if "val_split" in c:
         check_choice("val_split", c["val_split"], SPLITS)
-    for name in ("amp", "resume", "channels_last"):
+    for name in ("amp", "resume", "channels_last", "accept_datalist_change"):
         if name in c:
             as_flag(c[name], name)
     tasks = c.get("tasks")

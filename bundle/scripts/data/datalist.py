@@ -6,6 +6,7 @@ Relative paths are relative to ``base_dir`` (by default the folder holding the J
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -128,3 +129,32 @@ def write_datalist(path: str | os.PathLike, splits: Mapping[str, Sequence[Mappin
         raise DatalistFileError(f"cannot write the datalist {path} in {path.parent}: {err.strerror or err} "
                                 f"({len(text.encode()) / 1e3:.1f} kB needed)") from None
     return str(path)
+
+
+def datalist_fingerprint(datalist: str | os.PathLike | Mapping[str, Any], splits: Sequence[str],
+                         base_dir: str | os.PathLike | None = None) -> dict[str, dict[str, str]]:
+    """{split: {case_id: SHA-256 of the case's fields (paths, labels)}} of ``splits``: what a resumed
+    training compares to tell an added, removed or changed case."""
+    out: dict[str, dict[str, str]] = {}
+    for split in dict.fromkeys(splits):
+        cases = load_datalist(datalist, split, base_dir)
+        out[split] = {str(c["case_id"]): hashlib.sha256(json.dumps(c, sort_keys=True, default=str).encode()
+                                                        ).hexdigest()[:16]
+                      for c in cases if isinstance(c, Mapping)}
+    return out
+
+
+def datalist_changes(saved: Mapping[str, Mapping[str, str]], current: Mapping[str, Mapping[str, str]]) -> list[str]:
+    """What differs between two `datalist_fingerprint`s, per split: cases added, removed, changed."""
+    lines = []
+    for split in sorted(set(saved) | set(current)):
+        old, new = dict(saved.get(split, {})), dict(current.get(split, {}))
+        parts = []
+        for what, names in (("added", [n for n in new if n not in old]), ("removed", [n for n in old if n not in new]),
+                            ("changed", [n for n in new if n in old and new[n] != old[n]])):
+            if names:
+                parts.append(f"{len(names)} {what} ({', '.join(repr(n) for n in sorted(names)[:3])}"
+                             f"{', ...' if len(names) > 3 else ''})")
+        if parts:
+            lines.append(f"{split}: {', '.join(parts)}")
+    return lines

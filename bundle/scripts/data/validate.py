@@ -159,6 +159,12 @@ def check_case(case: Mapping[str, Any], tasks: Sequence[str] = TASKS, split: str
             raise fail("t2w", f"its field of view covers only {covered:.0%} of the T1C brain, "
                               "so it cannot be resampled onto the T1C grid")
     seg = volumes.get(SEG_KEY)
+    if seg is not None:
+        odd = np.unique(seg.data[(seg.data != np.round(seg.data)) | (seg.data < 0)])
+        if odd.size:
+            logger.warning(f"case '{name}', field 'seg': the mask holds values that are not label numbers (e.g. "
+                           f"{float(odd[0]):.4g}; {odd.size} distinct) in {seg.path}: every value above 0 counts as "
+                           "tumor, so a probability map or a smoothed mask is read as tumor wherever it is > 0")
     if seg is not None and not seg.same_grid(t1c):
         inside = t1c.share_inside(seg.world(seg.data > 0))
         if inside < MIN_MASK_INSIDE:
