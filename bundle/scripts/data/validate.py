@@ -112,7 +112,7 @@ def brain_problem(t1c: np.ndarray, path: str) -> str | None:
     values = robust_intensity(t1c)
     brain = int(brain_mask(values).sum())
     nonzero = int(np.count_nonzero(values))
-    where = f"values {float(t1c.min()):.4g} to {float(t1c.max()):.4g} after the header's scaling, in {path}"
+    where = f"values {float(t1c.min()) + 0.0:.4g} to {float(t1c.max()) + 0.0:.4g} after the header's scaling, in {path}"
     if brain == 0:
         return f"no T1C voxel is above 0, so the network would see an empty brain ({where}; a negative scl_slope?)"
     if brain < MIN_BRAIN_SHARE * nonzero:
