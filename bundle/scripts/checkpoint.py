@@ -29,6 +29,10 @@ class CheckpointError(RuntimeError):
     """A checkpoint that cannot be used: unreadable, truncated, pickled objects or another model."""
 
 
+class CheckpointWriteError(CheckpointError, OSError):
+    """A checkpoint that could not be written (e.g. a full disk); the message names the folder and the space."""
+
+
 def atomic_save(obj: Any, path: str | os.PathLike) -> None:
     """Write `obj` with torch.save so that `path` holds either the old or the new file, never half.
 
@@ -49,8 +53,8 @@ def atomic_save(obj: Any, path: str | os.PathLike) -> None:
     except OSError as err:
         written = Path(tmp).stat().st_size if Path(tmp).exists() else 0
         Path(tmp).unlink(missing_ok=True)
-        raise CheckpointError(write_failure(path, err, max(written, path.stat().st_size if path.exists() else 0))
-                              ) from None
+        needed = max(written, path.stat().st_size if path.exists() else 0)
+        raise CheckpointWriteError(write_failure(path, err, needed)) from None
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise

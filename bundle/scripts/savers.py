@@ -14,7 +14,7 @@ import torch
 from ignite.engine import Engine
 from ignite.handlers import Checkpoint, DiskSaver
 
-from scripts.checkpoint import FILE_MODE, CheckpointError, sync_folder, with_settings, write_failure
+from scripts.checkpoint import FILE_MODE, CheckpointWriteError, sync_folder, with_settings, write_failure
 
 
 class SharedDiskSaver(DiskSaver):
@@ -38,7 +38,7 @@ class SharedDiskSaver(DiskSaver):
         try:
             super()._save_func(checkpoint, path, write)
         except OSError as err:  # e.g. a full disk; ignite has removed its temporary file
-            raise CheckpointError(write_failure(path, err)) from None
+            raise CheckpointWriteError(write_failure(path, err)) from None
         sync_folder(path.parent)
 
     def remove(self, filename: str) -> None:
