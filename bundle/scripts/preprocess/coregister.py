@@ -27,7 +27,10 @@ def register(fixed: ants.ANTsImage, moving: ants.ANTsImage, transform: str, out_
 
 
 def coregister(t1c: ants.ANTsImage, t2w: ants.ANTsImage, out_path: Path, transform: str = "Rigid",
-               iterations: Sequence[int] | None = (1000, 500, 50, 0)) -> Path:
-    """T2W onto T1C (`transform`: ``Rigid`` for one subject's two series, or ``Affine``). The default
-    `iterations` stop at half resolution: the full-resolution level costs the most and moves little."""
+               iterations: Sequence[int] | None = (1000, 500, 250, 50), spacing: float | None = 2.0) -> Path:
+    """T2W onto T1C (`transform`: ``Rigid`` for one subject's two series, or ``Affine``), registered on copies
+    resampled to `spacing` mm (None: the T1C's own grid): a quarter of the voxels of a 1 mm scan, the same
+    physical transform."""
+    if spacing:
+        t1c, t2w = (ants.resample_image(i, (float(spacing),) * 3, use_voxels=False, interp_type=0) for i in (t1c, t2w))
     return register(t1c, t2w, transform, out_path, iterations=iterations)

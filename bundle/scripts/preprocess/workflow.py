@@ -60,7 +60,8 @@ class Chain:
 
     n4: bool = False
     coregister: str | None = "Rigid"           # Rigid | Affine | QuickRigid | AffineFast | None
-    coregister_iterations: tuple[int, ...] = (1000, 500, 50, 0)  # per level (shrink 6, 4, 2, 1); () ANTs' own
+    coregister_iterations: tuple[int, ...] = (1000, 500, 250, 50)  # per level (shrink 6, 4, 2, 1); () ANTs' own
+    coregister_spacing: float | None = 2.0     # mm of the copies registered (None: the T1C's grid)
     brain_extraction: bool = True
     atlas: str | None = None                   # None: the shipped SRI24 skull-stripped T1
     atlas_transform: str | None = "Affine"     # Affine (the authors') | AffineFast | None
@@ -125,7 +126,8 @@ def prepare_case(case: Mapping[str, str], folder: Path, chain: Chain) -> dict[st
         t1c, t2w = images["t1c"], images["t2w"]
         with _step(times, "coregister", where):
             path = work / "t2w_to_t1c.mat"
-            t2w_to_t1c = (coregister.coregister(t1c, t2w, path, chain.coregister, chain.coregister_iterations)
+            t2w_to_t1c = (coregister.coregister(t1c, t2w, path, chain.coregister, chain.coregister_iterations,
+                                                chain.coregister_spacing)
                           if chain.coregister else resample.identity_transform(path))
         with _step(times, "brain", where):
             mask = (brain.brain_mask(t1c) if chain.brain_extraction
