@@ -68,7 +68,7 @@ class Chain:
     crop: bool = True
     crop_margin: int = 8                       # voxels kept around the brain mask's bounding box
     qc_min_dice: float = 0.90                  # gate: brain-mask Dice with the atlas
-    qc_min_nmi: float = 1.05                   # gate: T2W-T1C normalised mutual information in the brain
+    qc_min_nmi: float = 1.03                   # gate: T2W-T1C normalised mutual information in the brain
     qc_picture: bool = True
     seed: int = 0                              # ANTs' random metric sampling
     threads: int = 0                           # per case; 0: the cores shared among the workers
@@ -202,9 +202,18 @@ def case_folder(out: Path, case: Mapping[str, Any]) -> Path:
     return out / output_name(case)
 
 
+def _complete(folder: Path, case: Mapping[str, Any]) -> bool:
+    """`folder` holds every file of a prepared `case` (its qc.json names the case)."""
+    try:
+        return (all((folder / f).is_file() for f in CASE_FILES)
+                and json.loads((folder / "qc.json").read_text()).get("case_id") == str(case["case_id"]))
+    except (OSError, ValueError):
+        return False
+
+
 def is_finished(out: Path, case: Mapping[str, Any]) -> bool:
     folder = case_folder(out, case)
-    return folder.name in read_manifest(out) and all((folder / f).is_file() for f in CASE_FILES)
+    return folder.name in read_manifest(out) and _complete(folder, case)
 
 
 def prepare_cases(cases: Sequence[Mapping[str, str]], output_dir: str | os.PathLike, chain: Chain,
@@ -271,12 +280,16 @@ def prepare_output_dir(output_dir: str | os.PathLike, cases: Sequence[Mapping[st
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"output_dir {out} is a file, not a folder")
     written = set(read_manifest(out))
+    adopted = [case_folder(out, c).name for c in cases if _complete(case_folder(out, c), c)]
+    written |= set(adopted)  # a case finished just before a crash, not yet in the manifest
     targets = [case_folder(out, c) for c in cases] + [out / n for n in (QC_TABLE, ERRORS, DATALIST)]
     foreign = [p for p in targets if p.exists() and p.name not in written]
-    if foreign and not overwrite:
+    if any(p.is_dir() for p in foreign) or (foreign and not overwrite):
         raise FileExistsError(f"{foreign[0]} exists and was not written by a preprocessing run of this bundle; "
-                              "choose another output_dir or set overwrite=true")
+                              "choose another output_dir" + ("" if foreign[0].is_dir() else " or set overwrite=true"))
     out.mkdir(parents=True, exist_ok=True)
+    if adopted:
+        add_to_manifest(out, adopted)
     if overwrite:
         for path in {out / n for n in written} | set(foreign):
             if path.is_dir():
