@@ -22,6 +22,7 @@ from monai.bundle import ConfigWorkflow
 
 from scripts.preprocess import Chain, PreprocessError, run_preprocessing
 from scripts.preprocess import workflow as wf_module
+from scripts.preprocess.atlas import DEFAULT_ATLAS, load_atlas
 from scripts.preprocess.brain import brain_mask
 from scripts.preprocess.discovery import find_raw_cases, read_cases_csv
 from scripts.preprocess.io import ras_affine, read_image, to_ants
@@ -152,6 +153,14 @@ def test_colin27_head_brain_extraction():
     reference = np.asarray(nib.load(SHARED_DATA / "colin27" / "ch2bet.nii.gz").dataobj) > 0
     assert mask.numpy().shape == reference.shape
     assert dice(mask.numpy(), reference) >= 0.90
+
+
+def test_the_shipped_atlas_is_the_sri24_brain_with_its_notice():
+    atlas = load_atlas()
+    assert atlas.shape == (240, 240, 155) and atlas.spacing == (1.0, 1.0, 1.0)
+    assert (atlas.numpy() > 0).sum() > 1_000_000  # a whole brain, skull-stripped: zero outside
+    notice = (DEFAULT_ATLAS.parent / "NOTICE").read_text()
+    assert "CC BY-SA 3.0" in notice and "Rohlfing" in notice
 
 
 # ---- the workflow's rules on synthetic heads --------------------------------------------------------------------

@@ -1,7 +1,7 @@
 """T1C -> atlas affine registration (antspyx), the authors' `Affine` by default, `AffineFast` as an option.
 
 The default atlas is the skull-stripped SRI24 T1 (Rohlfing et al., Hum Brain Mapp 2010; CC BY-SA 3.0, see
-``atlas/NOTICE``), the space the authors' preprocessing and the BraTS data use."""
+``sri24/NOTICE``), the space the authors' preprocessing and the BraTS data use."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -10,7 +10,7 @@ import ants
 
 from .coregister import register
 
-DEFAULT_ATLAS = Path(__file__).resolve().parent / "atlas" / "sri24_t1_brain.nii.gz"
+DEFAULT_ATLAS = Path(__file__).resolve().parent / "sri24" / "sri24_t1_brain.nii.gz"
 
 
 def load_atlas(path: str | None = None) -> ants.ANTsImage:
