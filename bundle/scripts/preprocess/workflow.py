@@ -82,6 +82,11 @@ class Chain:
             if value is not None and value not in allowed:
                 raise OptionError(f"option --{name} must be one of {', '.join(allowed)} or null, got {value!r}")
             object.__setattr__(self, name, value)
+        for name in ("atlas", "coregister_spacing"):  # "null" on the command line: the default
+            if str(getattr(self, name)).strip().lower() in ("", "none", "null"):
+                object.__setattr__(self, name, None)
+        if self.coregister_spacing is not None:
+            object.__setattr__(self, "coregister_spacing", float(self.coregister_spacing))
 
 
 @contextmanager
