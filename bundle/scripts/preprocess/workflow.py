@@ -101,7 +101,8 @@ def _read(case: Mapping[str, str], key: str):
     try:
         return read_image(case[key])
     except (OSError, ValueError, RuntimeError) as err:
-        raise DatalistError(str(case["case_id"]), key, f"cannot read {case[key]}: {err}".replace("\n", " ")) from None
+        reason = str(err).rpartition("sitk::ERROR: ")[2].strip().replace("\n", " ")  # SimpleITK's own words
+        raise DatalistError(str(case["case_id"]), key, f"cannot read {case[key]}: {reason}") from None
 
 
 _ATLAS: dict[str | None, Any] = {}
