@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import json
+import locale
 import logging
 from pathlib import Path
 
@@ -25,7 +26,7 @@ from scripts.preprocess import workflow as wf_module
 from scripts.preprocess.atlas import DEFAULT_ATLAS, load_atlas
 from scripts.preprocess.brain import brain_mask
 from scripts.preprocess.discovery import find_raw_cases, read_cases_csv
-from scripts.preprocess.io import ras_affine, read_image, to_ants
+from scripts.preprocess.io import keep_locale, ras_affine, read_image, to_ants
 from scripts.preprocess.qc import dice
 from scripts.preprocess.resample import to_raw_grid
 
@@ -102,7 +103,7 @@ def test_brats_case_stays_where_it_is(brats_case, tmp_path):
     assert dice(back.numpy(), stripped) >= 0.97  # extraction + both resamplings, on the input's own grid
     coreg = ants.read_transform(str(case / "t2w_to_t1c.mat")).parameters
     np.testing.assert_allclose(coreg[:9].reshape(3, 3), np.eye(3), atol=0.05)  # T2W was on the T1C grid:
-    assert np.abs(coreg[9:]).max() < 1.0                                         # within 3 degrees and 1 mm
+    assert np.abs(coreg[9:]).max() < 2.0                                         # within 3 degrees and a voxel
     to_atlas = ants.read_transform(str(case / "t1c_to_atlas.mat")).parameters
     np.testing.assert_allclose(to_atlas[:9].reshape(3, 3), np.eye(3), atol=0.12)  # an affine near identity
     own = dice(stripped, ants.image_read(str(atlas)).numpy())  # the same 2 mm grid: the input's own fit (0.89)
@@ -116,6 +117,7 @@ def test_brats_case_stays_where_it_is(brats_case, tmp_path):
 def test_dicom_series_round_trip(brats_case, tmp_path):
     """A DICOM series written from the BraTS T1C in coronal slices reads back with its orientation, spacing,
     origin and voxels, and is found as a case's T1C series folder."""
+    before = locale.getpreferredencoding(False)
     image = sitk.DICOMOrient(sitk.ReadImage(brats_case["t1c"]), "LSA")[::2, ::2, ::2]  # coronal slices, 2 mm
     image = sitk.Cast(image, sitk.sitkInt16)
     series = tmp_path / "raw" / "P1" / "T1C"
@@ -132,12 +134,14 @@ def test_dicom_series_round_trip(brats_case, tmp_path):
                            "0018|0050": f"{image.GetSpacing()[2]:.6f}"}.items():
             s.SetMetaData(tag, value)
         writer.SetFileName(str(series / f"{k:04d}.dcm"))
-        writer.Execute(s)
+        with keep_locale():
+            writer.Execute(s)
     back = read_image(series)
     np.testing.assert_allclose(back.GetDirection(), image.GetDirection(), atol=1e-5)
     np.testing.assert_allclose(back.GetSpacing(), image.GetSpacing(), atol=1e-4)
     np.testing.assert_allclose(back.GetOrigin(), image.GetOrigin(), atol=1e-3)
     np.testing.assert_array_equal(sitk.GetArrayFromImage(back), sitk.GetArrayFromImage(image))
+    assert locale.getpreferredencoding(False) == before  # GDCM's locale change undone: text files read as before
     nib.save(nib.load(brats_case["t2w"]), str(series.parent / "T2W.nii.gz"))
     cases, unclaimed = find_raw_cases(tmp_path / "raw")
     assert cases == [{"case_id": "P1", "t1c": str(series), "t2w": str(series.parent / "T2W.nii.gz")}]

@@ -1,8 +1,11 @@
 """Reading a scan: a NIfTI file or a DICOM series folder, as a SimpleITK image and as an ANTs image."""
 from __future__ import annotations
 
+import locale
 import os
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import ants
 import numpy as np
@@ -15,9 +18,23 @@ def is_nifti(path: str | os.PathLike) -> bool:
     return Path(path).is_file() and str(path).lower().endswith(NIFTI)
 
 
+@contextmanager
+def keep_locale() -> Iterator[None]:
+    """Restore the process's locale afterwards: SimpleITK's DICOM (GDCM) input and output set it to "C", after
+    which Python reads text files as ASCII."""
+    saved = locale.setlocale(locale.LC_ALL)
+    try:
+        yield
+    finally:
+        locale.setlocale(locale.LC_ALL, saved)
+
+
 def dicom_series(folder: str | os.PathLike) -> list[str]:
     """The DICOM series ids in `folder` (not below it); [] when it holds none."""
-    return list(sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder))) if Path(folder).is_dir() else []
+    if not Path(folder).is_dir():
+        return []
+    with keep_locale():
+        return list(sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder)))
 
 
 def read_image(path: str | os.PathLike) -> sitk.Image:
@@ -31,11 +48,13 @@ def read_image(path: str | os.PathLike) -> sitk.Image:
         if len(series) > 1:
             raise ValueError(f"{len(series)} DICOM series in folder {path} ({', '.join(series[:3])}...); "
                              "give each series a folder of its own or name the files in a cases CSV")
-        reader = sitk.ImageSeriesReader()
-        reader.SetFileNames(reader.GetGDCMSeriesFileNames(str(path), series[0]))
-        image = reader.Execute()
+        with keep_locale():
+            reader = sitk.ImageSeriesReader()
+            reader.SetFileNames(reader.GetGDCMSeriesFileNames(str(path), series[0]))
+            image = reader.Execute()
     elif path.is_file():
-        image = sitk.ReadImage(str(path))
+        with keep_locale():  # a single DICOM file goes through GDCM too
+            image = sitk.ReadImage(str(path))
     else:
         raise FileNotFoundError(f"no such file or folder: {path}")
     if image.GetDimension() == 4 and image.GetSize()[3] == 1:
