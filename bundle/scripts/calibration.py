@@ -144,15 +144,35 @@ def read_calibration(path: str | os.PathLike | None) -> dict[str, Any] | None:
     return dict(record) if isinstance(record, Mapping) else None
 
 
-def temperatures_of(record: Mapping[str, Any] | None) -> dict[str, float] | None:
-    """{task: T} of a calibration record (`read_calibration`), None when it holds none."""
+def temperatures_of(record: Mapping[str, Any] | None, source: str | os.PathLike = "model.pt"
+                    ) -> dict[str, float] | None:
+    """{task: T} of a calibration record (`read_calibration`), None when it holds none.
+
+    Every temperature is checked as it is read: a number (not text or a bool), finite, and within
+    `T_RANGE`, the range the fit gives. Anything else (T = -1 would invert every probability, T = inf
+    flatten them to 0.5) is refused with a :class:`CalibrationError` naming `source` (the checkpoint)."""
     temps = record.get("temperature") if record else None
-    return {str(k): float(v) for k, v in temps.items()} if isinstance(temps, Mapping) and temps else None
+    if temps is None or (isinstance(temps, Mapping) and not temps):
+        return None
+    where = f"checkpoint {os.fspath(source)}"
+    if not isinstance(temps, Mapping):
+        raise CalibrationError(f"{where}: its calibration record's 'temperature' must map tasks to numbers, got "
+                               f"{type(temps).__name__}; refit with evaluate.yaml --calibrate true")
+    out = {}
+    for task, value in temps.items():
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        if not ok or not T_RANGE[0] <= value <= T_RANGE[1]:
+            raise CalibrationError(f"{where}: calibration temperature of task {task!r} is {value!r}, not a finite "
+                                   f"number in [{T_RANGE[0]}, {T_RANGE[1]}] (the range the fit gives); refit with "
+                                   "evaluate.yaml --calibrate true, or use a checkpoint without calibration")
+        out[str(task)] = float(value)
+    return out
 
 
 def read_temperatures(path: str | os.PathLike | None) -> dict[str, float] | None:
-    """{task: T} stored in a model.pt, None without calibration (inference then reports raw probabilities)."""
-    return temperatures_of(read_calibration(path))
+    """{task: T} stored in a model.pt, checked (`temperatures_of`); None without calibration (inference
+    then reports raw probabilities)."""
+    return temperatures_of(read_calibration(path), path or "model.pt")
 
 
 def store_calibration(path: str | os.PathLike, record: Mapping[str, Any]) -> None:
@@ -206,7 +226,7 @@ class Calibration:
             summary.update(fitted_on=self.split, skipped=skipped)
         else:
             stored = read_calibration(self.ckpt_path)  # model.pt is read once, and not at all when fitting
-            temperatures = temperatures_of(stored) or {}
+            temperatures = temperatures_of(stored, self.ckpt_path or "model.pt") or {}
             if temperatures:
                 summary["stored"] = stored
         tables: dict[str, dict[str, Any]] = {}

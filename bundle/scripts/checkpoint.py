@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import errno
+import hashlib
 import json
 import logging
 import os
+import shutil
 import tempfile
 from collections import OrderedDict
 from pathlib import Path
@@ -18,11 +21,16 @@ from torch import nn
 _TMP_SUFFIX = ".tmp"
 FILE_MODE = 0o644  # checkpoints: readable by the other users of a shared folder, not tempfile's 0600
 SETTINGS_KEY = "igreg_settings"  # model.pt: torch.load(path, weights_only=True)._metadata[SETTINGS_KEY]
+DIGEST_KEY = "igreg_settings_sha256"  # SHA-256 binding the settings record to the weights (`settings_digest`)
 logger = logging.getLogger(__name__)
 
 
 class CheckpointError(RuntimeError):
     """A checkpoint that cannot be used: unreadable, truncated, pickled objects or another model."""
+
+
+class CheckpointWriteError(CheckpointError, OSError):
+    """A checkpoint that could not be written (e.g. a full disk); the message names the folder and the space."""
 
 
 def atomic_save(obj: Any, path: str | os.PathLike) -> None:
@@ -42,9 +50,30 @@ def atomic_save(obj: Any, path: str | os.PathLike) -> None:
             os.fsync(f.fileno())
         os.replace(tmp, path)
         sync_folder(path.parent)
+    except OSError as err:
+        written = Path(tmp).stat().st_size if Path(tmp).exists() else 0
+        Path(tmp).unlink(missing_ok=True)
+        needed = max(written, path.stat().st_size if path.exists() else 0)
+        raise CheckpointWriteError(write_failure(path, err, needed)) from None
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def write_failure(path: Path, err: OSError, needed: int = 0) -> str:
+    """One line for a file that could not be written: the file, its folder, why (a full disk says so), the
+    space it needs (`needed` bytes: what was written before the failure, the file it replaces, or an estimate)
+    and the space free."""
+    def size(n: float) -> str:
+        return f"{n / 1e6:.1f} MB" if n >= 1e5 else f"{n / 1e3:.1f} kB"
+
+    try:
+        free = f"{size(shutil.disk_usage(path.parent).free)} free"
+    except OSError:
+        free = "free space unknown"
+    why = "no space left on the device" if err.errno == errno.ENOSPC else (err.strerror or str(err))
+    need = f"about {size(needed)} needed, " if needed else ""
+    return f"cannot write {path.name} in {path.parent}: {why} ({need}{free}); nothing was replaced"
 
 
 def sync_folder(folder: str | os.PathLike) -> None:
@@ -110,16 +139,43 @@ def plain(value: Any) -> Any:
     return str(value)
 
 
+def settings_digest(settings: Mapping[str, Any], state: Mapping[str, torch.Tensor]) -> str:
+    """SHA-256 of a settings record together with the weights it describes (names, shapes, dtypes, bytes):
+    a record edited after it was written (e.g. to claim another pooling) no longer matches it."""
+    digest = hashlib.sha256(json.dumps(plain(settings), sort_keys=True).encode())
+    for name in sorted(state):
+        tensor = state[name].detach().cpu().contiguous()
+        digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
+        digest.update(tensor.view(-1).view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+    return digest.hexdigest()
+
+
 def with_settings(state: dict[str, torch.Tensor], settings: Mapping[str, Any] | None) -> dict[str, torch.Tensor]:
     """`state` (a state_dict, still loadable by `load_state_dict` and `torch.load(weights_only=True)`)
     carrying `settings` as plain data in its `_metadata[SETTINGS_KEY]`, where PyTorch keeps the
-    per-module versions of a state_dict."""
+    per-module versions of a state_dict, with `settings_digest` under `DIGEST_KEY`."""
     if settings is not None:
         if not hasattr(state, "_metadata"):
             state = OrderedDict(state)
             state._metadata = OrderedDict()  # type: ignore[attr-defined]
         state._metadata[SETTINGS_KEY] = plain(settings)  # type: ignore[attr-defined]
+        state._metadata[DIGEST_KEY] = settings_digest(settings, state)  # type: ignore[attr-defined]
     return state
+
+
+def settings_tampered(state: Any, path: str | os.PathLike) -> str | None:
+    """Why the settings record of a checkpoint does not belong to its weights (edited after it was
+    written), or None (it matches, or the file has no digest: written before bundle 0.6.0)."""
+    saved = checkpoint_settings(state)
+    found = getattr(state, "_metadata", None)
+    digest = found.get(DIGEST_KEY) if isinstance(found, Mapping) else None
+    if saved is None or digest is None:
+        return None
+    weights = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
+    if digest != settings_digest(saved, weights):
+        return (f"checkpoint {os.fspath(path)!r}: its settings record does not match its weights (edited after "
+                "it was written?); the settings it claims cannot be trusted")
+    return None
 
 
 def checkpoint_settings(state: Any) -> dict[str, Any] | None:
@@ -162,6 +218,9 @@ def check_network_weights(network: nn.Module, state: Any, path: str | os.PathLik
         state = state["model"]
     if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise CheckpointError(f"{os.fspath(path)!r} is not a state_dict of tensors")
+    tampered = settings_tampered(state, path)
+    if tampered:
+        raise CheckpointError(tampered)
     saved = checkpoint_settings(state)
     if settings is not None and saved is None:
         logger.warning(f"checkpoint {os.fspath(path)} records no settings (written by an older bundle): "

@@ -7,12 +7,11 @@ rank 0 only, so that a torchrun job leaves one copy of every file.
 from __future__ import annotations
 
 import csv
-import json
 import logging
 import os
 import random
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import ignite.distributed as idist
 import numpy as np
@@ -24,9 +23,14 @@ from scripts.checkpoint import (
     CheckpointError,
     atomic_save,
     describe_mismatch,
+    plain,
     remove_temporaries,
     safe_load,
+    settings_digest,
+    settings_mismatch,
 )
+from scripts.data.datalist import datalist_changes
+from scripts.jsonio import strict_json
 from scripts.plots import plot_confusion_matrices, plot_reliability_diagrams, plot_roc_curves
 from scripts.savers import ModelFile
 
@@ -81,6 +85,10 @@ class BestModelSaver:
             logger.info(f"saved best model ({engine.state.best_metric:.4f}) to {self.path}")
 
 
+def _tensors(state: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+    return {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
+
+
 def _rng_state() -> dict[str, Any]:
     kind, keys, pos, has_gauss, gauss = np.random.get_state()
     return {"torch": torch.get_rng_state(), "python": random.getstate(),
@@ -121,8 +129,11 @@ class TrainingState:
 
     def __init__(self, strategy: torch.nn.Module, lr_schedule: Any, ckpt_dir: str, save_every: int = 50,
                  loader: Any = None, evaluator: Engine | None = None, resume: bool = True,
-                 filename: str = "training_state.pt") -> None:
+                 filename: str = "training_state.pt", settings: Mapping[str, Any] | None = None,
+                 datalist: Mapping[str, Mapping[str, str]] | None = None, accept_datalist_change: bool = False
+                 ) -> None:
         self.strategy, self.lr_schedule, self.loader, self.evaluator = strategy, lr_schedule, loader, evaluator
+        self.settings, self.datalist, self.accept_datalist_change = settings, datalist, accept_datalist_change
         self.path = Path(ckpt_dir) / filename
         self.previous = self.path.with_name(f"{self.path.stem}.prev{self.path.suffix}")
         self.save_every, self.resume = save_every, resume
@@ -148,11 +159,15 @@ class TrainingState:
             "rng": _rng_state(),
             "best": {"metric": float(ev.best_metric), "epoch": int(ev.best_metric_epoch)} if ev else {},
             "skipped": [engine.state.skipped_steps, engine.state.consecutive_skipped],
+            **({"datalist": plain(self.datalist)} if self.datalist is not None else {}),
+            **({"settings": plain(self.settings)} if self.settings is not None else {}),
         }
 
     def save(self, engine: Engine) -> None:
         if _is_writer():
             state = self.state(engine)
+            if self.settings is not None:
+                state["settings_sha256"] = settings_digest(state["settings"], _tensors(state["strategy"]))
             if self.rotate and self.path.exists():
                 os.replace(self.path, self.previous)
             atomic_save(state, self.path)
@@ -194,6 +209,7 @@ class TrainingState:
         if diff:
             raise CheckpointError(f"training state {str(path)!r} was saved with another configuration (set resume to "
                                   "false or use another ckpt_dir to start over):\n  " + "\n  ".join(diff))
+        keep_position = self._check_record(path, state)
         self.strategy.load_state_dict(state["strategy"])
         configured = [[{k: v for k, v in g.items() if k not in ("params", "lr", "initial_lr")} for g in o.param_groups]
                       for o in self.strategy.optimizers]
@@ -209,10 +225,10 @@ class TrainingState:
                                f"(learning rate now {self.lr_schedule._last_lr[0]:.3g})")
             else:
                 self.lr_schedule.load_state_dict(state["lr_schedule"])
-        if state["loader"]:
+        if state["loader"] and keep_position:
             self.loader.load_state_dict(state["loader"])
         _set_rng_state(state["rng"])
-        if self.evaluator is not None and state["best"]:
+        if self.evaluator is not None and state["best"] and keep_position:
             self.evaluator.state.best_metric = state["best"]["metric"]
             self.evaluator.state.best_metric_epoch = state["best"]["epoch"]
         engine.state.skipped_steps, engine.state.consecutive_skipped = state.get("skipped", (0, 0))
@@ -224,6 +240,38 @@ class TrainingState:
             logger.warning(f"this training is already finished: {path} is at iteration {engine.state.iteration} of "
                            f"{total} ({engine.state.max_epochs} epochs); nothing to do. Raise --epochs to train "
                            "longer, or use --resume false or another --ckpt_dir to start over.")
+
+    def _check_record(self, path: Path, state: Mapping[str, Any]) -> bool:
+        """Refuse a training state whose settings record was edited or differs from this run's settings, or
+        whose datalist differs from this run's (unless `accept_datalist_change`: then False, the sampler
+        position and the best score are not restored). True: restore everything."""
+        saved = state.get("settings")
+        if self.settings is not None and saved is not None:
+            digest = state.get("settings_sha256")
+            if digest is not None and digest != settings_digest(saved, _tensors(state["strategy"])):
+                raise CheckpointError(f"training state {str(path)!r}: its settings record does not match its weights "
+                                      "(edited after it was written?); set resume to false to start over")
+            diff = settings_mismatch(saved, plain(self.settings))
+            if diff:
+                raise CheckpointError(f"training state {str(path)!r} was saved with other settings (set resume to "
+                                      "false or use another ckpt_dir to start over):\n  " + "\n  ".join(diff))
+        if self.datalist is None:
+            return True
+        if state.get("datalist") is None:
+            logger.warning(f"training state {path} records no datalist (written before bundle 0.6.0): a change of "
+                           "the training or validation list cannot be detected")
+            return True
+        changes = datalist_changes(state["datalist"], self.datalist)
+        if not changes:
+            return True
+        what = "; ".join(changes)
+        if not self.accept_datalist_change:
+            raise CheckpointError(f"training state {str(path)!r} was saved with another datalist ({what}): its "
+                                  "sampler position and best score refer to those lists; set --accept_datalist_change "
+                                  "true to go on with this one, or --resume false to start over")
+        logger.warning(f"resuming with another datalist ({what}): accepted; the sampler starts a new order and the "
+                       "best score starts over, the weights and optimizer states are kept")
+        return False
 
     def _reapply(self, configured: list[list[dict[str, Any]]]) -> None:
         """Put this run's optimizer options (e.g. weight_decay) back over the saved ones, saying which changed."""
@@ -314,8 +362,7 @@ class EvaluationReport:
         details = engine.state.metric_details
         report = details["report"]
         tables = self.calibration.update_report(report, details["probs"], details["labels"], self.tasks)
-        with open(self.output_dir / "metrics.json", "w") as f:
-            json.dump(report, f, indent=2)
+        (self.output_dir / "metrics.json").write_text(strict_json(report) + "\n")
         plot_roc_curves(details["probs"], details["labels"], self.tasks, self.output_dir / "roc_curves.png")
         plot_confusion_matrices(report["tasks"], self.output_dir / "confusion_matrices.png")
         plot_reliability_diagrams(tables, self.output_dir / "reliability_diagram.png")

@@ -17,9 +17,12 @@ Safety rules (see docs/reliability.md):
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import logging
 import os
+import time
+import uuid
 from pathlib import Path
 from typing import Any, Hashable, Mapping, Sequence
 
@@ -30,19 +33,27 @@ import torch
 from ignite.engine import Engine, Events
 from monai.transforms import MapTransform
 
+from scripts.checkpoint import write_failure
 from scripts.data import DatalistError, check_case, find_cases, load_datalist, read_datalist
 from scripts.data.datalist import IMAGE_KEYS, PATH_KEYS, SPLITS
 from scripts.data.discovery import NIFTI, PLAIN, PREFIXED
+from scripts.data.intensity import brain_mask, robust_intensity
+from scripts.data.validate import voxel_sizes
+from scripts.jsonio import strict_json
+from scripts.options import acquire_lock, release_lock
 
 logger = logging.getLogger(__name__)
 
-MANIFEST = ".igreg_outputs.json"  # the files an inference run wrote (removed by the next run with overwrite)
+MANIFEST = ".igreg_outputs.json"  # the files an inference run wrote, with their hashes (for overwrite)
+INCOMPLETE = ".igreg_incomplete"  # present while a run is writing: left behind by a run that died
+INFERENCE_LOCK = ".igreg_inference.lock"  # one inference run at a time per output folder
 TABLE = "predictions.csv"
 ERRORS = "prediction_errors.csv"
 RUN_FILES = (TABLE, ERRORS, MANIFEST)
 INDEX = "index.html"  # the saliency run's overview page (only with --saliency)
-MIN_SIDE_VOXELS = 16  # an input smaller than this on any axis is not a brain volume
+MIN_SIDE_VOXELS = 8  # an input with fewer voxels on an axis cannot be resampled into a brain volume
 MIN_SIDE_MM = 64.0  # nor one whose field of view is narrower than this (a brain spans about 140 mm)
+MAX_BRAIN_ML = 2500.0  # a T1C foreground larger than this is a whole head (a brain is 1000-2000 mL)
 MAX_NAME_BYTES = 255  # the longest file name most file systems take
 _SAFE = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-")
 
@@ -103,19 +114,21 @@ def case_outputs(output_dir: str | os.PathLike, case: Mapping[str, Any],
 def _looked_for() -> str:
     t1c = "|".join(PREFIXED["t1c"])
     t2w = "|".join(PREFIXED["t2w"])
-    return (f"<case>{{{t1c}}} + <case>{{{t2w}}} NIfTI pairs ({'/'.join(NIFTI)}) or <case>/{PLAIN['t1c'][0]} + "
-            f"<case>/{PLAIN['t2w'][0]} folders")
+    plain_t1c, plain_t2w = "|".join(PLAIN["t1c"]), "|".join(PLAIN["t2w"])
+    return (f"<case>{{{t1c}}} + <case>{{{t2w}}} NIfTI pairs ({'/'.join(NIFTI)}) or <case>/{{{plain_t1c}}} + "
+            f"<case>/{{{plain_t2w}}} folders")
 
 
 def inference_cases(datalist: str | None = None, input_dir: str | None = None, split: str = "testing",
-                    base_dir: str | None = None) -> list[dict]:
+                    base_dir: str | None = None, strict: bool = False) -> list[dict]:
     """Cases to predict: every case found in `input_dir` if given, else the `split` list of a datalist JSON.
 
-    No case found is an error saying what was looked for, where."""
+    No case found is an error saying what was looked for, where. Folders under `input_dir` whose
+    NIfTI files form no case are listed in a warning, or (`strict`) refused."""
     if input_dir:
         if not Path(input_dir).is_dir():
             raise FileNotFoundError(f"input_dir {input_dir} is not a folder")
-        cases = [{k: c[k] for k in ("case_id", "t1c", "t2w")} for c in find_cases(input_dir)]
+        cases = [{k: c[k] for k in ("case_id", "t1c", "t2w")} for c in find_cases(input_dir, strict)]
         if not cases:
             raise DatalistError("*", "input_dir", f"no case found under {input_dir}: looked for {_looked_for()}")
         return cases
@@ -154,22 +167,55 @@ def input_files(datalist: str | None = None, input_dir: str | None = None, base_
 
 
 def _min_field_of_view(path: str) -> str | None:
-    """Why the volume at `path` is too small to be a brain scan, or None."""
+    """Why the volume at `path` is too small to be a brain scan, or None. The voxel sizes are those of
+    the affine the loader uses (not the header's pixdim, which may be 0)."""
     img = nib.load(path)
     shape = img.shape[:3]
-    extent = [n * float(z) for n, z in zip(shape, img.header.get_zooms()[:3])]
-    if min(shape) < MIN_SIDE_VOXELS or min(extent) < MIN_SIDE_MM:
-        return (f"too small for a brain volume: shape {tuple(shape)}, field of view "
-                f"{' x '.join(f'{e:.0f}' for e in extent)} mm (at least {MIN_SIDE_VOXELS} voxels and "
-                f"{MIN_SIDE_MM:.0f} mm per side expected) in {path}")
+    extent = [n * float(z) for n, z in zip(shape, voxel_sizes(img.affine))]
+    few = [i for i, n in enumerate(shape) if n < MIN_SIDE_VOXELS]
+    narrow = [i for i, e in enumerate(extent) if e < MIN_SIDE_MM]
+    if few or narrow:
+        why = (f"only {shape[few[0]]} voxels along axis {few[0]} (at least {MIN_SIDE_VOXELS})" if few else
+               f"{extent[narrow[0]]:.0f} mm along axis {narrow[0]} (at least {MIN_SIDE_MM:.0f} mm)")
+        return (f"too small for a brain volume: {why}; shape {tuple(shape)}, field of view "
+                f"{' x '.join(f'{e:.0f}' for e in extent)} mm in {path}")
+    return None
+
+
+def same_image_problem(case: Mapping[str, Any]) -> str | None:
+    """Why the T2W of `case` is not a scan of its own (the T1C file or its exact copy), or None."""
+    t1c, t2w = nib.load(case["t1c"]), nib.load(case["t2w"])
+    if os.path.realpath(case["t1c"]) == os.path.realpath(case["t2w"]) or (
+            t1c.shape == t2w.shape and np.array_equal(np.asanyarray(t1c.dataobj), np.asanyarray(t2w.dataobj))):
+        return f"the same image as the T1C (identical voxels): {case['t2w']} and {case['t1c']}"
+    return None
+
+
+def skull_problem(case: Mapping[str, Any]) -> str | None:
+    """Why the T1C of `case` looks like a whole head rather than a skull-stripped brain, or None.
+
+    The heuristic: the T1C foreground (after the chain's background shift and outlier clipping,
+    the voxels the network's brain mask takes) is larger than ``MAX_BRAIN_ML``: a brain is
+    1000-2000 mL, a head with its skull, scalp and neck 3000 mL or more. Brain extraction
+    (``--preprocess true``) skips this check."""
+    img = nib.load(case["t1c"])
+    values = robust_intensity(np.asanyarray(img.dataobj).astype(np.float32))
+    values = values[..., 0] if values.ndim == 4 else values
+    volume_ml = float(brain_mask(values).sum()) * float(np.prod(voxel_sizes(img.affine))) / 1000.0
+    if volume_ml > MAX_BRAIN_ML:
+        return (f"looks like a whole head, not a skull-stripped brain: its foreground is {volume_ml:.0f} mL (a brain "
+                f"is under {MAX_BRAIN_ML:.0f} mL); the model needs brain-extracted input, in {case['t1c']}")
     return None
 
 
 class CaseCheck:
     """The per-case input check of an inference run: `good` cases go to the network, `errors`
-    (case_id, field, file, problem) collect the bad ones, here and in the `PredictionWriter`."""
+    (case_id, field, file, problem) collect the bad ones, here and in the `PredictionWriter`.
 
-    def __init__(self, cases: Sequence[Mapping[str, Any]]) -> None:
+    Besides the training's check: a minimum field of view, a T2W that is not the T1C again, and
+    (unless `check_skull` is False, for input that brain extraction will strip) no whole head."""
+
+    def __init__(self, cases: Sequence[Mapping[str, Any]], check_skull: bool = True) -> None:
         self.good: list[dict] = []
         self.errors: list[dict[str, str]] = []
         for case in cases:
@@ -177,6 +223,10 @@ class CaseCheck:
                 check_case(case, tasks=())
                 for key in IMAGE_KEYS:
                     problem = _min_field_of_view(case[key])
+                    if problem:
+                        raise DatalistError(str(case["case_id"]), key, problem)
+                for key, rule in (("t2w", same_image_problem), ("t1c", skull_problem if check_skull else None)):
+                    problem = rule(case) if rule else None
                     if problem:
                         raise DatalistError(str(case["case_id"]), key, problem)
             except DatalistError as err:
@@ -220,55 +270,132 @@ def prepare_output_dir(output_dir: str, cases: Sequence[Mapping[str, Any]], over
             case = next((c["case_id"] for c in cases if target in case_outputs(out, c, saliency_tasks)), None)
             who = f"case {case!r}: output" if case is not None else "output"
             raise OutputExistsError(f"{who} {target} would overwrite an input file; choose another output_dir")
-    if input_dir and (out == Path(input_dir).resolve() or Path(input_dir).resolve() in out.parents):
-        raise OutputExistsError(f"output_dir {out} lies inside input_dir {input_dir}: the predicted masks "
-                                "(<case>_seg.nii.gz) would later be found as ground truth; choose a folder outside it")
+    folders = {Path(input_dir).resolve()} if input_dir else set()
+    folders |= {Path(str(v)).resolve().parent for c in cases for k, v in c.items()
+                if k in PATH_KEYS and isinstance(v, str)}
+    folders |= {Path(p).resolve().parent for p in inputs if Path(p).suffix != ".json"}
+    for folder in sorted(folders):
+        if out == folder or folder in out.parents:
+            what = f"input_dir {input_dir}" if input_dir and folder == Path(input_dir).resolve() else \
+                f"the input folder {folder}"
+            raise OutputExistsError(f"output_dir {out} lies inside {what}: the predicted masks (<case>_seg.nii.gz) "
+                                    "would later be found as ground truth; choose a folder outside it")
     if out.exists() and not out.is_dir():
         raise OutputExistsError(f"output_dir {out} is a file, not a folder")
-    written_before = set(read_manifest(out))
+    unfinished = _read_json(out / INCOMPLETE)
+    if unfinished is not None:
+        logger.warning(f"an earlier inference run into {out} did not finish (pid {unfinished.get('pid', '?')}, "
+                       f"started {unfinished.get('started', '?')}): its outputs may be partial"
+                       + ("; they are removed now (overwrite)" if overwrite else ""))
+    written_before = read_manifest(out)
     previous = [p for p in (out / TABLE, out / ERRORS) if p.exists()] + ([out / MANIFEST] if written_before else [])
     if previous and not overwrite:
-        raise OutputExistsError(f"{out} holds an earlier run's results ({previous[0].name}); "
+        died = " of a run that did not finish" if unfinished is not None else ""
+        raise OutputExistsError(f"{out} holds an earlier run's results{died} ({previous[0].name}); "
                                 "choose another output_dir or set overwrite=true")
-    foreign = [p for p in outputs if p.exists() and p.name not in written_before]
-    if foreign and not overwrite:
-        raise OutputExistsError(f"{foreign[0]} exists and was not written by an inference run of this bundle; "
-                                "choose another output_dir or set overwrite=true")
+    ours = {name for name, digest in written_before.items() if digest and file_hash(out / name) == digest}
+    changed = sorted(name for name in written_before if name not in ours and (out / name).exists())
+    for p in outputs:
+        if p.exists() and p.name not in ours:
+            why = ("was changed since an inference run of this bundle wrote it (e.g. corrected by hand)"
+                   if p.name in written_before else "was not written by an inference run of this bundle "
+                   f"(it is not in {MANIFEST})")
+            hint = "move it away or choose another output_dir" if overwrite else \
+                "choose another output_dir or set overwrite=true"
+            if overwrite or p.name not in written_before:
+                raise OutputExistsError(f"{p} {why}; this run would write over it: {hint}")
     try:
         out.mkdir(parents=True, exist_ok=True)
-        probe = out / f".igreg_write_test.{os.getpid()}"
+        probe = out / f".igreg_write_test.{os.getpid()}.{uuid.uuid4().hex[:8]}"
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as err:
         raise OutputExistsError(f"output_dir {out} cannot be written: {err}") from None
+    acquire_lock(out, INFERENCE_LOCK, "inference run", "--output_dir")
     if overwrite:
-        for name in written_before | {p.name for p in previous}:
+        for name in ours | {p.name for p in previous if p.name != MANIFEST}:
             path = out / name
             if path.resolve() not in protected and path.parent == out:
                 path.unlink(missing_ok=True)
-        write_manifest(out, [])
+        if changed:
+            logger.warning(f"overwrite: kept {len(changed)} file(s) changed since this bundle wrote them: "
+                           f"{', '.join(changed)}")
+        write_manifest(out, {})
+    (out / INCOMPLETE).write_text(json.dumps({"pid": os.getpid(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}))
     return str(out)
 
 
-def read_manifest(out: Path) -> list[str]:
-    """The file names the runs in `out` wrote (the folder's manifest; [] when there is none)."""
+def _read_json(path: Path) -> Any:
     try:
-        names = json.loads((out / MANIFEST).read_text())["files"]
-        return [n for n in names if isinstance(n, str) and "/" not in n and os.sep not in n]
-    except (OSError, ValueError, KeyError, TypeError):
-        return []
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
 
 
-def write_manifest(out: Path, names: Sequence[str]) -> None:
-    """Replace the manifest of `out` by `names` (atomically)."""
-    tmp = out / (MANIFEST + ".tmp")
-    tmp.write_text(json.dumps({"files": sorted(set(names))}, indent=1) + "\n")
-    os.replace(tmp, out / MANIFEST)
+def file_hash(path: Path) -> str | None:
+    """SHA-256 of a file's content, None when it cannot be read."""
+    digest = hashlib.sha256()
+    try:
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+    except OSError:
+        return None
+    return digest.hexdigest()
 
 
-def add_to_manifest(out: Path, names: Sequence[str]) -> None:
-    """Record `names` as written by this run, so that `--overwrite true` removes them later."""
-    write_manifest(out, [*read_manifest(out), *names])
+def read_manifest(out: Path) -> dict[str, str | None]:
+    """{file name: SHA-256 of the content written} of the files the runs in `out` wrote (the folder's
+    manifest; {} when there is none; None hashes from a manifest of bundles before 0.6.0)."""
+    found = _read_json(out / MANIFEST)
+    files = found.get("files") if isinstance(found, dict) else None
+    if isinstance(files, list):
+        files = dict.fromkeys(files)
+    if not isinstance(files, dict):
+        return {}
+    return {n: (h if isinstance(h, str) else None) for n, h in files.items()
+            if isinstance(n, str) and "/" not in n and os.sep not in n}
+
+
+def write_manifest(out: Path, files: Mapping[str, str | None]) -> None:
+    """Replace the manifest of `out` by `files` ({name: hash}, atomically)."""
+    text = json.dumps({"files": dict(sorted(files.items()))}, indent=1) + "\n"
+    atomic_write(out / MANIFEST, lambda p: p.write_text(text))
+
+
+def add_to_manifest(out: Path, files: Mapping[str, str | None]) -> None:
+    """Record `files` ({name: hash}) as written by this run, so that `--overwrite true` removes them later
+    (as long as their content is unchanged)."""
+    write_manifest(out, {**read_manifest(out), **files})
+
+
+def write_output(path: Path, write: Any, size: int | None = None) -> None:
+    """Write one output of an inference run: atomically (`atomic_write`), with its content hash recorded in
+    the folder's manifest before it takes its name, so that a run that dies leaves every file it wrote
+    listed. A full disk (or another OS error) raises :class:`OutputWriteError` naming the folder and the
+    space needed (`size`, bytes, when known)."""
+    def record_then_rename(tmp: Path) -> None:
+        write(tmp)
+        add_to_manifest(path.parent, {path.name: file_hash(tmp)})
+
+    try:
+        atomic_write(path, record_then_rename)
+    except OSError as err:
+        raise OutputWriteError.of(path, err, size) from None
+
+
+class OutputWriteError(RuntimeError):
+    """An output could not be written (e.g. the disk is full); the message names the folder and the space."""
+
+    @classmethod
+    def of(cls, path: Path, err: OSError, size: int | None = None) -> OutputWriteError:
+        return cls(write_failure(path, err, size or 0))
+
+
+def finish_run(out: Path) -> None:
+    """Mark the run in `out` as finished: remove its incomplete-run marker and release its lock."""
+    (out / INCOMPLETE).unlink(missing_ok=True)
+    release_lock(out / INFERENCE_LOCK)
 
 
 class SplitPredictiond(MapTransform):
@@ -297,7 +424,7 @@ class SplitPredictiond(MapTransform):
 
 def atomic_write(path: Path, write: Any) -> None:
     """`write(tmp)` to a hidden file beside `path`, then rename it to `path`: never a partial file."""
-    tmp = path.with_name(f".tmp.{os.getpid()}.{path.name}")  # keeps the extension nibabel reads
+    tmp = path.with_name(f".tmp.{os.getpid()}.{uuid.uuid4().hex[:8]}.{path.name}")  # keeps the extension nibabel reads
     try:
         write(tmp)
         os.replace(tmp, path)
@@ -308,12 +435,12 @@ def atomic_write(path: Path, write: Any) -> None:
 
 def save_volume(path: Path, volume: Any, dtype: type) -> None:
     """A [1, *S] or [*S] volume with its affine (a MetaTensor's, else identity) as NIfTI of `dtype`,
-    written atomically (`atomic_write`)."""
+    an output of the run (`write_output`: atomic, recorded in the manifest)."""
     data = np.asarray(torch.as_tensor(volume).detach().float().cpu().numpy())
     data = data[0] if data.ndim == 4 else data
     affine = np.asarray(torch.as_tensor(getattr(volume, "affine", torch.eye(4))).cpu().numpy(), np.float64)
     image = nib.Nifti1Image(data.astype(dtype), affine)
-    atomic_write(path, lambda p: nib.save(image, str(p)))
+    write_output(path, lambda p: nib.save(image, str(p)), size=data.size * np.dtype(dtype).itemsize)
 
 
 class PredictionWriter:
@@ -331,7 +458,6 @@ class PredictionWriter:
         self.errors = errors
         self.mask_key = mask_key
         self.rows: list[dict[str, Any]] = []
-        self.written: list[str] = []
 
     def attach(self, engine: Engine) -> None:
         engine.add_event_handler(Events.ITERATION_COMPLETED, self.write_cases)
@@ -351,24 +477,27 @@ class PredictionWriter:
             if bad:
                 self._fail(case_id, f"probabilities not finite for {', '.join(bad)}; nothing written")
                 continue
+            temps = (out.get("temperature") if isinstance(out, Mapping) else None) or {}
             for task in self.tasks:
                 cls = int(probs[task].argmax())
                 names = self.class_names.get(task)
                 result[task] = {"probabilities": [round(float(p), 6) for p in probs[task]], "class": cls,
-                                **({"class_name": names[cls]} if names else {})}
-            temps = out.get("temperature") if isinstance(out, Mapping) else None
-            if temps:  # probabilities of the temperature-scaled logits (docs/calibration.md)
-                result.update(calibrated=True, temperature={t: float(temps[t]) for t in self.tasks if t in temps})
+                                **({"class_name": names[cls]} if names else {}),
+                                "calibrated": task in temps, **({"temperature": float(temps[task])}
+                                                                if task in temps else {})}
+            if temps:  # probabilities of the temperature-scaled logits (docs/calibration.md); per task above
+                result.update(calibrated=all(t in temps for t in self.tasks),
+                              temperature={t: float(temps[t]) for t in self.tasks if t in temps})
             self.output_dir.mkdir(parents=True, exist_ok=True)
             mask = out.get(self.mask_key) if self.mask_key and isinstance(out, Mapping) else None
-            if mask is not None:
-                path = mask_path(self.output_dir, item)
-                save_volume(path, mask, np.uint8)
-                self.written.append(path.name)
-            path = json_path(self.output_dir, item)
-            atomic_write(path, lambda p: p.write_text(json.dumps(result, indent=2)))
-            self.written.append(path.name)
-            add_to_manifest(self.output_dir, self.written)
+            text = strict_json(result)
+            try:
+                if mask is not None:
+                    save_volume(mask_path(self.output_dir, item), mask, np.uint8)
+                write_output(json_path(self.output_dir, item), lambda p: p.write_text(text), size=len(text))
+            except OutputWriteError as err:  # e.g. a full disk: this case is reported, the run goes on
+                self._fail(case_id, str(err))
+                continue
             self.rows.append({"case_id": case_id,
                               **{f"{t}_prob": result[t]["probabilities"][-1] for t in self.tasks},
                               **{f"{t}_class": result[t]["class"] for t in self.tasks}})
@@ -377,12 +506,15 @@ class PredictionWriter:
         rows = [r for part in idist.all_gather(self.rows) for r in part] if idist.get_world_size() > 1 else self.rows
         if idist.get_rank() != 0 or not rows:
             return
-        with open(self.csv_path, "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=list(rows[0]))
-            w.writeheader()
-            w.writerows(sorted(rows, key=lambda r: r["case_id"]))
-        add_to_manifest(self.output_dir, [self.csv_path.name])
+        write_output(self.csv_path, lambda p: write_csv(p, sorted(rows, key=lambda r: r["case_id"])))
         logger.info(f"{len(rows)} predictions written to {self.output_dir}")
+
+
+def write_csv(path: Path, rows: Sequence[Mapping[str, Any]], fields: Sequence[str] | None = None) -> None:
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(fields or rows[0]))
+        w.writeheader()
+        w.writerows(rows)
 
 
 def run_evaluator(evaluator: Engine, check: CaseCheck) -> None:
@@ -392,16 +524,15 @@ def run_evaluator(evaluator: Engine, check: CaseCheck) -> None:
 
 
 def finish_inference(output_dir: str, check: CaseCheck) -> None:
-    """Write `prediction_errors.csv` when some cases got no prediction, and raise an
-    :class:`InferenceError` naming them (so the command exits non-zero)."""
-    if not check.errors:
-        return
+    """End the run: write `prediction_errors.csv` when some cases got no prediction, mark the run as
+    finished (`finish_run`), and raise an :class:`InferenceError` naming the bad cases (so the
+    command exits non-zero)."""
     out = Path(output_dir)
-    with open(out / ERRORS, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=["case_id", "field", "file", "problem"])
-        w.writeheader()
-        w.writerows(check.errors)
-    add_to_manifest(out, [ERRORS])
+    if not check.errors:
+        finish_run(out)
+        return
+    write_output(out / ERRORS, lambda p: write_csv(p, check.errors, ["case_id", "field", "file", "problem"]))
+    finish_run(out)
     cases = list(dict.fromkeys(e["case_id"] for e in check.errors))
     done = len(check.good) - sum(e["field"] == "prediction" for e in check.errors)
     first = check.errors[0]

@@ -23,7 +23,8 @@ def classification_report(y_true: np.ndarray, prob: np.ndarray) -> dict[str, Any
     """Scores of one task from true classes `[N]` and class probabilities `[N, K]`.
 
     Sensitivity and specificity are those of class 1 (binary) or macro one-vs-rest (K > 2);
-    ROC-AUC is NaN when the cases hold a single class.
+    ROC-AUC is NaN when the cases hold a single class; then the macro scores average the classes that
+    occur (in the truth or the predictions), and a ``note`` says so.
     """
     k = prob.shape[1]
     y_pred = prob.argmax(1)
@@ -43,7 +44,10 @@ def classification_report(y_true: np.ndarray, prob: np.ndarray) -> dict[str, Any
         sensitivity, specificity = np.nanmean(sens), np.nanmean(spec)
         present = len(np.unique(y_true)) == k
         auc = skm.roc_auc_score(y_true, prob, multi_class="ovr", labels=labels) if present else float("nan")
-    kw = {"labels": labels, "average": "macro", "zero_division": 0}
+    present = sorted(set(np.unique(y_true).tolist()) | set(np.unique(y_pred).tolist()))
+    one_class = len(np.unique(y_true)) == 1
+    # one class in the truth: macro scores over the classes that occur (an absent class's F1 of 0 would halve it)
+    kw = {"labels": present if one_class else labels, "average": "macro", "zero_division": 0}
     return {
         "n": int(len(y_true)),
         "accuracy": float(skm.accuracy_score(y_true, y_pred)),
@@ -54,6 +58,8 @@ def classification_report(y_true: np.ndarray, prob: np.ndarray) -> dict[str, Any
         "specificity": float(specificity),
         "roc_auc": float(auc),
         "confusion_matrix": cm.tolist(),
+        **({"note": f"one class only ({int(y_true[0])}) among these cases: macro scores over the classes that "
+                    "occur; ROC AUC undefined"} if one_class else {}),
     }
 
 
@@ -124,6 +130,6 @@ class MultiTaskMetric(Metric):
         super().completed(engine, name)
         flat = {"dice": self.report["dice"], "mean_macro_f1": self.report["mean_macro_f1"]}
         for task, r in self.report["tasks"].items():
-            flat.update({f"{task}_{k}": v for k, v in r.items() if k not in ("confusion_matrix", "n")})
+            flat.update({f"{task}_{k}": v for k, v in r.items() if k not in ("confusion_matrix", "n", "note")})
         engine.state.metrics.update(flat)
         engine.state.metric_details.update(report=self.report, **self.gathered)

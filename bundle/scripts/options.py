@@ -108,7 +108,7 @@ def check_training_options(config: Mapping[str, Any], rank: int = 0) -> None:
         check_choice("feature_distance", c["feature_distance"], DISTANCES)
     if "val_split" in c:
         check_choice("val_split", c["val_split"], SPLITS)
-    for name in ("amp", "resume", "channels_last"):
+    for name in ("amp", "resume", "channels_last", "accept_datalist_change"):
         if name in c:
             as_flag(c[name], name)
     tasks = c.get("tasks")
@@ -134,7 +134,7 @@ def check_training_options(config: Mapping[str, Any], rank: int = 0) -> None:
 
 
 class TrainingLockError(RuntimeError):
-    """Another live training uses the same ckpt_dir."""
+    """Another live run (training, or inference) uses the same folder."""
 
 
 LOCK_NAME = ".training.lock"
@@ -153,14 +153,21 @@ def _alive(pid: int) -> bool:
 
 def acquire_training_lock(ckpt_dir: str | os.PathLike, rank: int = 0) -> str | None:
     """Hold `<ckpt_dir>/.training.lock` (pid and host) for this process until it exits (training
-    locks its ckpt_dir and its output_dir).
-
-    A lock of a live process on this host refuses the run (two trainings would interleave their
-    states and CSV rows); a lock whose process is gone (kill -9) is taken over with a warning.
-    Ranks other than 0 do not lock (rank 0 holds it for the job)."""
+    locks its ckpt_dir and its output_dir). Ranks other than 0 do not lock (rank 0 holds it for the job)."""
     if rank:
         return None
-    path = Path(ckpt_dir) / LOCK_NAME
+    return acquire_lock(ckpt_dir, LOCK_NAME, "training", "--ckpt_dir / --output_dir")
+
+
+def acquire_lock(folder: str | os.PathLike, name: str = LOCK_NAME, what: str = "training",
+                 option: str = "--ckpt_dir / --output_dir") -> str:
+    """Hold the lock file `<folder>/<name>` (pid and host) for this process until it exits or
+    `release_lock`; `what` names the kind of run and `option` the folder's option in the messages.
+
+    A lock of a live process on this host refuses the run (two runs would interleave their files);
+    a lock whose process is gone (kill -9) is taken over with a warning. The process that holds it
+    may take it again."""
+    path = Path(folder) / name
     path.parent.mkdir(parents=True, exist_ok=True)
     me = {"pid": os.getpid(), "host": socket.gethostname()}
     for _ in range(3):
@@ -176,11 +183,11 @@ def acquire_training_lock(ckpt_dir: str | os.PathLike, rank: int = 0) -> str | N
                 _held.add(str(path))
                 return str(path)
             if host != me["host"]:
-                raise TrainingLockError(f"{ckpt_dir} is locked by a training on host {host} (pid {pid}); "
+                raise TrainingLockError(f"{folder} is locked by a {what} on host {host} (pid {pid}); "
                                         f"if it is no longer running, delete {path}")
             if pid > 0 and _alive(pid):
-                raise TrainingLockError(f"another training (pid {pid}) is using {ckpt_dir} (its {LOCK_NAME}); wait "
-                                        "for it, stop it, or choose another --ckpt_dir / --output_dir")
+                raise TrainingLockError(f"another {what} (pid {pid}) is using {folder} (its {name}); wait "
+                                        f"for it, stop it, or choose another {option}")
             logger.warning(f"taking over the stale lock {path} of process {pid}, which is no longer running")
             path.unlink(missing_ok=True)
             continue
@@ -190,15 +197,20 @@ def acquire_training_lock(ckpt_dir: str | os.PathLike, rank: int = 0) -> str | N
         if len(_held) == 1:
             atexit.register(release_training_locks)
         return str(path)
-    raise TrainingLockError(f"could not lock {ckpt_dir} ({path})")
+    raise TrainingLockError(f"could not lock {folder} ({path})")
+
+
+def release_lock(path: str | os.PathLike) -> None:
+    """Remove the lock file at `path` if this process holds it."""
+    try:
+        if json.loads(Path(path).read_text()).get("pid") == os.getpid():
+            Path(path).unlink()
+    except (OSError, ValueError, AttributeError):
+        pass
+    _held.discard(str(path))
 
 
 def release_training_locks() -> None:
     """Remove the locks this process holds."""
     for name in list(_held):
-        try:
-            if json.loads(Path(name).read_text()).get("pid") == os.getpid():
-                Path(name).unlink()
-        except (OSError, ValueError):
-            pass
-        _held.discard(name)
+        release_lock(name)

@@ -14,7 +14,7 @@ import torch
 from ignite.engine import Engine
 from ignite.handlers import Checkpoint, DiskSaver
 
-from scripts.checkpoint import FILE_MODE, sync_folder, with_settings
+from scripts.checkpoint import FILE_MODE, CheckpointWriteError, sync_folder, with_settings, write_failure
 
 
 class SharedDiskSaver(DiskSaver):
@@ -35,7 +35,10 @@ class SharedDiskSaver(DiskSaver):
             os.fchmod(f.fileno(), FILE_MODE)
             os.fsync(f.fileno())
 
-        super()._save_func(checkpoint, path, write)
+        try:
+            super()._save_func(checkpoint, path, write)
+        except OSError as err:  # e.g. a full disk; ignite has removed its temporary file
+            raise CheckpointWriteError(write_failure(path, err)) from None
         sync_folder(path.parent)
 
     def remove(self, filename: str) -> None:

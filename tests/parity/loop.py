@@ -22,6 +22,7 @@ differences applied from outside, and with its random draws recorded and replaye
 from __future__ import annotations
 
 import random
+import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import partial
@@ -331,6 +332,7 @@ def main() -> None:
     """Print the comparison: each iteration from the reference's own state, the rounding floor (the
     same with that state scaled by 1 + 1e-7), and the three iterations carried by each side."""
     torch.set_num_threads(1)
+    warnings.filterwarnings("ignore", category=UserWarning)  # the reference's deprecated upsample calls
     ref = reference.load()
     setup = make_setup()
     ref_record, start = run_reference(ref, setup)

@@ -4,9 +4,9 @@ momenta carried) against the reference's own training loop, run live from `../sh
 Each iteration starts the bundle from the reference's state before it (weights and Lion momenta) on the
 same batches with the reference's draws (`parity/loop.py` says what is aligned and how). Lion moves each
 coordinate by +-lr, so a coordinate whose momentum-and-gradient mix is within float rounding of 0 can step
-the other way: measured with `python tests/parity/compare_loop.py`, the bundle steps 523, 48 and 897 of 7.06
+the other way: measured with `python tests/parity/compare_loop.py`, the bundle steps 523, 48 and 911 of 7.06
 million coordinates otherwise than the reference, fewer than the same bundle step from a state scaled by
-1 + 1e-7 (590, 20,022 and 21,867). A real difference is far above that: before the two fixes this test
+1 + 1e-7 (590, 20,022 and 21,043). A real difference is far above that: before the two fixes this test
 found, 868,000 coordinates after the first iteration.
 """
 

@@ -6,8 +6,11 @@ Relative paths are relative to ``base_dir`` (by default the folder holding the J
 """
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import os
+import uuid
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -16,12 +19,22 @@ IMAGE_KEYS: tuple[str, ...] = ("t1c", "t2w")
 SEG_KEY = "seg"
 PATH_KEYS: tuple[str, ...] = (*IMAGE_KEYS, SEG_KEY)
 SPLITS: tuple[str, ...] = ("training", "validation", "testing")
+logger = logging.getLogger(__name__)
 
 
 def case_name(case: Mapping[str, Any], position: int) -> str:
-    """The case's id, or a stand-in derived from its T1C file name or its position."""
-    if case.get("case_id"):
-        return str(case["case_id"])
+    """The case's id (a number such as 0 as its text), or, when it has none or an empty one, a stand-in
+    derived from its T1C file name or its position (an empty id is warned about, naming the stand-in)."""
+    given = case.get("case_id")
+    if given is not None and str(given).strip():
+        return str(given)
+    name = _stand_in(case, position)
+    if given is not None:
+        logger.warning(f"case #{position} has an empty case_id ({given!r}); it is called {name!r} instead")
+    return name
+
+
+def _stand_in(case: Mapping[str, Any], position: int) -> str:
     t1c = case.get("t1c")
     if isinstance(t1c, str) and t1c:
         name = Path(t1c).name
@@ -101,11 +114,47 @@ def load_datalist(datalist: str | os.PathLike | Mapping[str, Any], split: str = 
 
 def write_datalist(path: str | os.PathLike, splits: Mapping[str, Sequence[Mapping[str, Any]]],
                    **extra: Any) -> str:
-    """Write ``splits`` (plus any extra top-level entries) as a datalist JSON; returns the path."""
+    """Write ``splits`` (plus any extra top-level entries) as a datalist JSON; returns the path. The file is
+    replaced atomically (a uniquely named temporary file, removed if the write fails, e.g. on a full disk)."""
     content = {**extra, **{name: [dict(c) for c in splits.get(name, [])] for name in SPLITS}}
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(content, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    text = json.dumps(content, indent=2, allow_nan=False) + "\n"
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        raise DatalistFileError(f"cannot write the datalist {path} in {path.parent}: {err.strerror or err} "
+                                f"({len(text.encode()) / 1e3:.1f} kB needed)") from None
     return str(path)
+
+
+def datalist_fingerprint(datalist: str | os.PathLike | Mapping[str, Any], splits: Sequence[str],
+                         base_dir: str | os.PathLike | None = None) -> dict[str, dict[str, str]]:
+    """{split: {case_id: SHA-256 of the case's fields (paths, labels)}} of ``splits``: what a resumed
+    training compares to tell an added, removed or changed case."""
+    out: dict[str, dict[str, str]] = {}
+    for split in dict.fromkeys(splits):
+        cases = load_datalist(datalist, split, base_dir)
+        out[split] = {str(c["case_id"]): hashlib.sha256(json.dumps(c, sort_keys=True, default=str).encode()
+                                                        ).hexdigest()[:16]
+                      for c in cases if isinstance(c, Mapping)}
+    return out
+
+
+def datalist_changes(saved: Mapping[str, Mapping[str, str]], current: Mapping[str, Mapping[str, str]]) -> list[str]:
+    """What differs between two `datalist_fingerprint`s, per split: cases added, removed, changed."""
+    lines = []
+    for split in sorted(set(saved) | set(current)):
+        old, new = dict(saved.get(split, {})), dict(current.get(split, {}))
+        parts = []
+        for what, names in (("added", [n for n in new if n not in old]), ("removed", [n for n in old if n not in new]),
+                            ("changed", [n for n in new if n in old and new[n] != old[n]])):
+            if names:
+                parts.append(f"{len(names)} {what} ({', '.join(repr(n) for n in sorted(names)[:3])}"
+                             f"{', ...' if len(names) > 3 else ''})")
+        if parts:
+            lines.append(f"{split}: {', '.join(parts)}")
+    return lines

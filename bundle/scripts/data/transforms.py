@@ -13,8 +13,8 @@ from typing import Hashable, Mapping, Sequence
 import nibabel as nib
 import numpy as np
 import torch
-from monai.config import KeysCollection
-from monai.data import MetaTensor
+from monai.config import KeysCollection, PathLike
+from monai.data import MetaTensor, NibabelReader
 from monai.transforms import (
     Compose,
     ConcatItemsd,
@@ -37,8 +37,22 @@ from monai.transforms import (
 )
 
 from .datalist import TASKS
+from .intensity import BRAIN_REL_TOL, robust_intensity
 
 MISSING = -1  # label value of "no label for this task"
+
+
+class AffineNibabelReader(NibabelReader):
+    """MONAI's NIfTI reader with nibabel's affine (the sform, else the qform), the geometry the input check
+    and the mask writer use. MONAI's own reader replaces the sform by the qform when the header's pixdim
+    disagrees with it (a 6 mm sform over pixdim 6/6/7.5 would become 7.5 mm slices); files whose pixdim
+    agrees with the sform, as every clean scan, read the same either way."""
+
+    def read(self, data: Sequence[PathLike] | PathLike, **kwargs):
+        names = [data] if isinstance(data, (str, bytes)) or not isinstance(data, Sequence) else list(data)
+        self.filenames = names
+        images = [nib.load(name, **{**self.kwargs, **kwargs}) for name in names]
+        return images if len(images) > 1 else images[0]
 
 
 class BinarizeMaskd(MapTransform):
@@ -105,16 +119,39 @@ class OrientLiked(MapTransform):
         return d
 
 
+class RobustIntensityd(MapTransform):
+    """Move a constant non-zero background (e.g. -1000) to 0 and clip extreme outliers (one voxel of 1e7)
+    of each single-channel volume of ``keys`` (:func:`scripts.data.intensity.robust_intensity`).
+
+    A volume with a zero background and no outlier, as every clean scan, is passed on untouched, bit for bit.
+    """
+
+    def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            img = d[key]
+            values = np.asarray(img.detach().cpu().numpy() if isinstance(img, torch.Tensor) else img)
+            fixed = [robust_intensity(channel) for channel in values]
+            if all(f is v for f, v in zip(fixed, values)):
+                continue
+            out = torch.as_tensor(np.stack(fixed), dtype=torch.float32)
+            d[key] = MetaTensor(out, meta=dict(img.meta), applied_operations=list(img.applied_operations)) \
+                if isinstance(img, MetaTensor) else out
+        return d
+
+
 class BrainZScored(MapTransform):
     """Z-score every channel over the brain of one reference channel (T1C) and set the rest to exactly 0.
 
-    The brain is where ``|reference| > rel_tol * max|reference|``. Unlike ``NormalizeIntensityd(nonzero=True)``,
-    which takes each channel's own nonzero voxels, interpolation residue (values near 1e-11 that a resampled
-    T2W leaves next to the brain) cannot count as brain: the mask, and so each channel's mean and std, depend on
-    the reference channel alone, and the result is continuous in the other channels' values.
+    The brain is where ``reference > rel_tol * max(reference)`` (the T1C's own positive foreground, the voxels
+    the crop keeps; a background below 0 is moved to 0 before, by :class:`RobustIntensityd`). Unlike
+    ``NormalizeIntensityd(nonzero=True)``, which takes each channel's own nonzero voxels, interpolation residue
+    (values near 1e-11 that a resampled T2W leaves next to the brain) cannot count as brain: the mask, and so each
+    channel's mean and std, depend on the reference channel alone, and the result is continuous in the other
+    channels' values.
     """
 
-    def __init__(self, keys: KeysCollection, ref_channel: int = 0, rel_tol: float = 1e-6,
+    def __init__(self, keys: KeysCollection, ref_channel: int = 0, rel_tol: float = BRAIN_REL_TOL,
                  allow_missing_keys: bool = False):
         super().__init__(keys, allow_missing_keys)
         self.ref_channel, self.rel_tol = ref_channel, rel_tol
@@ -125,8 +162,9 @@ class BrainZScored(MapTransform):
             img = d[key]
             src = img.as_tensor() if isinstance(img, MetaTensor) else img
             src = src.to(torch.float32)
-            ref = src[self.ref_channel].abs()
-            brain = ref > self.rel_tol * ref.max()
+            ref = src[self.ref_channel]
+            peak = ref.max()
+            brain = ref > self.rel_tol * peak if peak > 0 else torch.zeros_like(ref, dtype=torch.bool)
             res = torch.zeros_like(src)
             for c in range(src.shape[0]):
                 values = src[c][brain]
@@ -144,16 +182,19 @@ def preprocessing_transforms(pixdim: float | Sequence[float] = 1.0,
     ``preprocessing_transforms``, inference.yaml's ``preprocessing``): case {t1c, t2w[, seg]} -> image [2, *S]
     (T1C, T2W; + seg [1, *S]).
 
-    Load, channel first, binarise the mask, give T2W and the mask the T1C's axis directions (a pure axis flip
-    or permutation is exact, so how a file stores the scan does not matter), resample them onto the T1C grid (a
-    no-op when the grids already agree), stack the channels, RAS (exact flips; kept after the stacking so that
-    inference can invert it onto the T1C file's grid), ``pixdim`` spacing, crop to the T1C brain, pad/crop to
+    Load (:class:`AffineNibabelReader`: the sform is the geometry), channel first, move a constant non-zero
+    background to 0 and clip extreme outliers (a no-op on clean scans: :class:`RobustIntensityd`), binarise the
+    mask, give T2W and the mask the T1C's axis directions (a pure axis flip or permutation is exact, so how a file
+    stores the scan does not matter), resample them onto the T1C grid (a no-op when the grids already agree), stack
+    the channels, RAS (exact flips; kept after the stacking so that inference can invert it onto the T1C file's
+    grid), ``pixdim`` spacing, crop to the T1C brain, pad/crop to
     ``spatial_size``, z-score each channel over the T1C brain with the background exactly 0 (:class:`BrainZScored`).
     """
     image_keys, spatial_keys = ["t1c", "t2w", "seg"], ["image", "seg"]
     return [
-        LoadImaged(image_keys, image_only=True, allow_missing_keys=True),
+        LoadImaged(image_keys, reader=AffineNibabelReader(), image_only=True, allow_missing_keys=True),
         EnsureChannelFirstd(image_keys, allow_missing_keys=True),
+        RobustIntensityd(["t1c", "t2w"], allow_missing_keys=True),
         BinarizeMaskd("seg", allow_missing_keys=True),
         OrientLiked(["t2w", "seg"], key_dst="t1c", allow_missing_keys=True),
         ResampleToMatchd(["t2w", "seg"], key_dst="t1c", mode=["bilinear", "nearest"], padding_mode="zeros",

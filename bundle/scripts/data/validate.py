@@ -15,11 +15,13 @@ import nibabel as nib
 import numpy as np
 
 from .datalist import IMAGE_KEYS, KNOWN_KEYS, SEG_KEY, SPLITS, TASKS, key_hint, load_datalist, read_datalist
+from .intensity import BRAIN_REL_TOL, brain_mask, robust_intensity
 
 logger = logging.getLogger(__name__)
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 MIN_MASK_INSIDE = 0.99  # share of tumor voxels that must fall inside the T1C field of view
 MIN_BRAIN_COVERED = 0.9  # share of T1C brain voxels that the T2W field of view must cover
+MIN_BRAIN_SHARE = 0.5  # share of the T1C's non-zero voxels that must count as brain after scaling and clipping
 
 
 class DatalistError(ValueError):
@@ -32,8 +34,31 @@ class DatalistError(ValueError):
         super().__init__(problem if case == "*" else f"{where}, field '{field}': {problem}")
 
 
+def voxel_sizes(affine: np.ndarray) -> np.ndarray:
+    """Voxel edge lengths (mm) of an affine: the norms of its first three columns."""
+    return np.sqrt((np.asarray(affine, dtype=np.float64)[:3, :3] ** 2).sum(0))
+
+
+def _mm(values: Sequence[float]) -> str:
+    return " x ".join(f"{v:.4g}" for v in values) + " mm"
+
+
+def warn_geometry(img: nib.Nifti1Image, path: str) -> None:
+    """Log where the header's pixdim disagrees with the affine. The one geometry of a file is nibabel's
+    affine (the sform, else the qform): the check, the loader (``AffineNibabelReader``) and the writer of
+    the predicted mask all use it, and the pixdim (0 when unset) is not used."""
+    affine_sizes = voxel_sizes(img.affine)
+    pixdim = np.asarray(img.header.get_zooms()[:3], dtype=np.float64)
+    if not np.allclose(pixdim, affine_sizes, rtol=1e-3, atol=1e-4):
+        logger.warning(f"{path}: header pixdim {_mm(pixdim)} disagrees with its sform voxels {_mm(affine_sizes)}; "
+                       "the sform is used (by the input check, the loader and the mask writer)")
+
+
 class _Volume:
-    """Shape, affine and voxels of one NIfTI file, with the checks every volume must pass."""
+    """Shape, affine and voxels of one NIfTI file, with the checks every volume must pass.
+
+    The voxels are those the loader gives: scaled by the header's slope/intercept and cast to
+    float32, so values beyond float32's range count as infinite."""
 
     def __init__(self, path: Any):
         if not isinstance(path, str) or not path:
@@ -53,16 +78,18 @@ class _Volume:
             data = data[..., 0]
         if data.ndim != 3:
             raise ValueError(f"expected a 3D volume, got shape {tuple(data.shape)} in {path}")
-        if np.issubdtype(data.dtype, np.floating):
-            bad = int(data.size - np.count_nonzero(np.isfinite(data)))
-            if bad:
-                raise ValueError(f"{bad} NaN or Inf voxels in {path}")
+        with np.errstate(over="ignore", invalid="ignore"):
+            data = data.astype(np.float32)  # as the loader reads it
+        bad = int(data.size - np.count_nonzero(np.isfinite(data)))
+        if bad:
+            raise ValueError(f"{bad} NaN or Inf voxels (after scaling to float32) in {path}")
         if not np.any(data):
             raise ValueError(f"all-zero volume: {path}")
         affine = np.asarray(img.affine, dtype=np.float64)
         if not np.all(np.isfinite(affine)) or abs(np.linalg.det(affine[:3, :3])) < 1e-6:
             raise ValueError(f"invalid (singular or non-finite) affine in {path}")
-        self.data, self.affine, self.shape = data, affine, data.shape
+        warn_geometry(img, path)
+        self.data, self.affine, self.shape, self.path = data, affine, data.shape, path
 
     def same_grid(self, other: _Volume) -> bool:
         return self.shape == other.shape and np.allclose(self.affine, other.affine, atol=1e-3)
@@ -77,6 +104,21 @@ class _Volume:
         """World coordinates of the voxels where ``mask`` is true (every ``stride``-th along each axis)."""
         ijk = np.argwhere(mask[::stride, ::stride, ::stride]) * stride
         return (self.affine @ np.c_[ijk, np.ones(len(ijk))].T)[:3].T
+
+
+def brain_problem(t1c: np.ndarray, path: str) -> str | None:
+    """Why the brain the network would see in this T1C (after the chain's background shift, outlier
+    clipping and brain threshold, :mod:`scripts.data.intensity`) is empty or implausibly small, or None."""
+    values = robust_intensity(t1c)
+    brain = int(brain_mask(values).sum())
+    nonzero = int(np.count_nonzero(values))
+    where = f"values {float(t1c.min()) + 0.0:.4g} to {float(t1c.max()) + 0.0:.4g} after the header's scaling, in {path}"
+    if brain == 0:
+        return f"no T1C voxel is above 0, so the network would see an empty brain ({where}; a negative scl_slope?)"
+    if brain < MIN_BRAIN_SHARE * nonzero:
+        return (f"only {brain} of its {nonzero} non-zero voxels count as brain (above {BRAIN_REL_TOL:g} of the "
+                f"maximum {float(values.max()):.4g}): a few extreme values dominate the image ({where})")
+    return None
 
 
 def _check_label(value: Any) -> str | None:
@@ -108,12 +150,21 @@ def check_case(case: Mapping[str, Any], tasks: Sequence[str] = TASKS, split: str
             raise fail(key, str(err)) from None
     t1c = volumes["t1c"]
     t2w = volumes["t2w"]
+    problem = brain_problem(t1c.data, t1c.path)
+    if problem:
+        raise fail("t1c", problem)
     if not t2w.same_grid(t1c):
-        covered = t2w.share_inside(t1c.world(t1c.data != 0, stride=2))
+        covered = t2w.share_inside(t1c.world(brain_mask(robust_intensity(t1c.data)), stride=2))
         if covered < MIN_BRAIN_COVERED:
             raise fail("t2w", f"its field of view covers only {covered:.0%} of the T1C brain, "
                               "so it cannot be resampled onto the T1C grid")
     seg = volumes.get(SEG_KEY)
+    if seg is not None:
+        odd = np.unique(seg.data[(seg.data != np.round(seg.data)) | (seg.data < 0)])
+        if odd.size:
+            logger.warning(f"case '{name}', field 'seg': the mask holds values that are not label numbers (e.g. "
+                           f"{float(odd[0]):.4g}; {odd.size} distinct) in {seg.path}: every value above 0 counts as "
+                           "tumor, so a probability map or a smoothed mask is read as tumor wherever it is > 0")
     if seg is not None and not seg.same_grid(t1c):
         inside = t1c.share_inside(seg.world(seg.data > 0))
         if inside < MIN_MASK_INSIDE:

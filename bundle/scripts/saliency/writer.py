@@ -15,13 +15,12 @@ from ignite.engine import Engine, Events
 
 from scripts.inference import (
     INDEX,
-    add_to_manifest,
-    atomic_write,
     json_path,
     mask_path,
     report_path,
     saliency_path,
     save_volume,
+    write_output,
 )
 
 from .index import index_row, write_index
@@ -33,7 +32,7 @@ logger = logging.getLogger(__name__)
 
 class SaliencyWriter:
     """Per case `<name>_saliency_<task>.nii.gz` and `<name>_report.png`; `index.html` at the end. Every
-    file is added to the run's manifest (so `--overwrite` removes it)."""
+    file is recorded in the run's manifest with its hash (so `--overwrite` removes it while unchanged)."""
 
     def __init__(self, output_dir: str, tasks: Sequence[str], class_names: Mapping[str, Sequence[str]] | None = None,
                  method: str = "gradcam") -> None:
@@ -52,18 +51,13 @@ class SaliencyWriter:
             if not probs_file.is_file():  # no prediction for this case (reported by PredictionWriter)
                 continue
             result = json.loads(probs_file.read_text())
-            written = []
             for task in self.tasks:
-                path = saliency_path(self.output_dir, item, task)
-                save_volume(path, out[saliency_key(task)], np.float32)
-                written.append(path.name)
+                save_volume(saliency_path(self.output_dir, item, task), out[saliency_key(task)], np.float32)
             view = out[VIEW_KEY]
             report = report_path(self.output_dir, item)
-            atomic_write(report, lambda p: write_report(
+            write_output(report, lambda p: write_report(
                 p, view["image"], view["mask"], view["maps"], {t: result[t]["probabilities"] for t in self.tasks},
                 self.class_names, title=str(item["case_id"]), method=self.method))
-            written.append(report.name)
-            add_to_manifest(self.output_dir, written)
             files = [(probs_file.name, "probabilities (JSON)"), (mask_path("", item).name, "mask (NIfTI)")]
             files += [(saliency_path("", item, t).name, f"{t} saliency (NIfTI)") for t in self.tasks]
             self.rows.append((str(item["case_id"]), index_row(str(item["case_id"]), report.name,
@@ -74,8 +68,7 @@ class SaliencyWriter:
         if idist.get_rank() != 0:
             return
         path = self.output_dir / INDEX
-        atomic_write(path, lambda p: write_index(p, [html for _, html in sorted(rows)]))
-        add_to_manifest(self.output_dir, [INDEX])
+        write_output(path, lambda p: write_index(p, [html for _, html in sorted(rows)]))
         logger.info(f"saliency maps and reports of {len(rows)} case(s) in {self.output_dir}; overview: {path}")
 
 
