@@ -160,6 +160,11 @@ def step_child(args: argparse.Namespace) -> dict:
         timer = PartTimer(sync)
         for module in (scripts.mtl.base, scripts.mtl.igreg):  # the guards of the updates and of the surrogates
             timer.wrap(module, "non_finite_names", "guard")
+        for function, label in [("task_gradients", "surrogate_task_gradients"),  # parts of surrogate_updates
+                                ("synced_task_gradients", "surrogate_task_gradients"),
+                                ("projected_update", "surrogate_projection_lion")]:
+            if hasattr(scripts.mtl.igreg, function):
+                timer.wrap(scripts.mtl.igreg, function, label)
         for attribute, label in [("forward_tasks", "forward"), ("dpa_losses", "dpa_losses"),
                                  ("sync_surrogates", "copy"), ("encoded_task_batches", "surrogate_batches_encoder"),
                                  ("surrogate_update", "surrogate_updates"),
