@@ -88,7 +88,8 @@ def fixed_batch(tasks: int, size: list[int], device: torch.device, seed: int = 0
 
 
 class PartTimer:
-    """Wall time spent in chosen methods or module functions, summed per label and per step."""
+    """Wall and process CPU time spent in chosen methods or module functions, summed per label and per
+    step (CPU time under the key `label + "/cpu"`)."""
 
     def __init__(self, sync: Callable[[], None]) -> None:
         self.sync, self.totals = sync, defaultdict(float)
@@ -99,12 +100,13 @@ class PartTimer:
 
         def timed(*args, **kwargs):
             self.sync()
-            start = time.perf_counter()
+            start, start_cpu = time.perf_counter(), time.process_time()
             try:
                 return inner(*args, **kwargs)
             finally:
                 self.sync()
                 self.totals[label] += time.perf_counter() - start
+                self.totals[label + "/cpu"] += time.process_time() - start_cpu
 
         setattr(owner, attribute, timed)
 
@@ -158,6 +160,11 @@ def step_child(args: argparse.Namespace) -> dict:
         timer = PartTimer(sync)
         for module in (scripts.mtl.base, scripts.mtl.igreg):  # the guards of the updates and of the surrogates
             timer.wrap(module, "non_finite_names", "guard")
+        for function, label in [("task_gradients", "surrogate_task_gradients"),  # parts of surrogate_updates
+                                ("synced_task_gradients", "surrogate_task_gradients"),
+                                ("projected_update", "surrogate_projection_lion")]:
+            if hasattr(scripts.mtl.igreg, function):
+                timer.wrap(scripts.mtl.igreg, function, label)
         for attribute, label in [("forward_tasks", "forward"), ("dpa_losses", "dpa_losses"),
                                  ("sync_surrogates", "copy"), ("encoded_task_batches", "surrogate_batches_encoder"),
                                  ("surrogate_update", "surrogate_updates"),
@@ -168,7 +175,9 @@ def step_child(args: argparse.Namespace) -> dict:
     out = {"step_s": statistics.median(times), "times_s": [round(t, 3) for t in times], "cpu_s": statistics.median(cpu),
            "peak_mib": peak_mib(device), "threads": torch.get_num_threads(), "skipped": strategy.skipped}
     if timer is not None:
-        out["parts_s"] = {k: round(v, 3) for k, v in timer.medians().items()}
+        medians = timer.medians()
+        out["parts_s"] = {k: round(v, 3) for k, v in medians.items() if not k.endswith("/cpu")}
+        out["parts_cpu_s"] = {k[:-4]: round(v, 3) for k, v in medians.items() if k.endswith("/cpu")}
     return out
 
 
@@ -257,7 +266,8 @@ def main(argv: list[str] | None = None) -> None:
               "igreg_cpu_s": round(igreg["cpu_s"], 3), "plain_cpu_s": round(plain["cpu_s"], 3),
               "skipped": igreg["skipped"] + plain["skipped"], "load_avg_1min": round(os.getloadavg()[0], 2)}
     if args.parts:
-        report.update(igreg_parts_s=igreg["parts_s"], plain_parts_s=plain["parts_s"])
+        report.update(igreg_parts_s=igreg["parts_s"], plain_parts_s=plain["parts_s"],
+                      igreg_parts_cpu_s=igreg["parts_cpu_s"], plain_parts_cpu_s=plain["parts_cpu_s"])
     if not args.skip_data:
         data = run_child(args, "data")
         report.update(batch_s=round(data["batch_s"], 3), demo_step_s=round(data["step_s"], 3),

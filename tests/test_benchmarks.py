@@ -33,6 +33,10 @@ def test_bench_step_prints_one_json_report():
     assert len(report["igreg_times_s"]) == 2 and sorted(report["igreg_times_s"])[0] <= report["igreg_s"]
     assert {"forward", "surrogate_updates", "main_backward_step", "guard"} <= set(report["igreg_parts_s"])
     assert "surrogate_updates" not in report["plain_parts_s"]
+    assert set(report["igreg_parts_cpu_s"]) == set(report["igreg_parts_s"])
+    assert 0 < report["igreg_parts_cpu_s"]["surrogate_updates"] <= report["igreg_cpu_s"] * 1.01
+    inner = report["igreg_parts_s"]["surrogate_task_gradients"] + report["igreg_parts_s"]["surrogate_projection_lion"]
+    assert 0 < inner <= report["igreg_parts_s"]["surrogate_updates"] * 1.01     # parts of the surrogate updates
     assert "batch_s" not in report
 
 

@@ -11,6 +11,7 @@ from scripts.stdgp import (
     gated_feature_regularizer,
     projected_update,
     regularizer_gate,
+    synced_task_gradients,
     task_dominant_projection,
     task_gradients,
 )
@@ -136,3 +137,17 @@ def test_task_gradient_sees_only_its_rows():
     torch.testing.assert_close(grads2[0], grads[0])
     torch.testing.assert_close(grads2[2], grads[2])
     assert not torch.allclose(grads2[1], grads[1])
+
+
+def test_synced_task_gradients_are_each_surrogates_own_to_the_bit():
+    torch.manual_seed(0)
+    net = IGRegNet(**TINY)
+    surrogates = [Surrogate(net) for _ in range(3)]          # heads of their own, the rest copied from net
+    for s in surrogates:
+        s.load_from(net)
+    batches = _task_batches(net)
+    synced = synced_task_gradients(surrogates, batches)
+    for s, (grads, tasks, loss) in zip(surrogates, synced):
+        own_grads, own_tasks, own_loss = task_gradients(s, batches)   # its own forward and parameters
+        assert torch.equal(grads, own_grads) and tasks == own_tasks and torch.equal(loss, own_loss)
+    assert not torch.equal(synced[0][0], synced[1][0])                 # the heads differ, so do the gradients

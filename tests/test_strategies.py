@@ -7,13 +7,14 @@ import pytest
 import torch
 from conftest import TINY_NET as TINY
 
+import scripts.mtl.igreg as igreg_module
 from scripts.mtl import build_strategy
 from scripts.mtl.base import BatchLayout
 from scripts.mtl.equal import EqualWeighting
 from scripts.mtl.igreg import TERMS, IGReg
 from scripts.networks import IGRegNet
 from scripts.objective import UncertaintyWeighting, dice_loss
-from scripts.stdgp import task_dominant_projection, task_gradients
+from scripts.stdgp import synced_task_gradients, task_dominant_projection, task_gradients
 
 LION = functools.partial(lion_pytorch.Lion, lr=1e-3, weight_decay=2e-5)
 SIZE = 32
@@ -207,6 +208,18 @@ def test_surrogate_update_changes_only_surrogates_each_around_its_task():
     for k, s in enumerate(strategy.surrogates):
         now = torch.cat([p.detach().reshape(-1) for p in s.parameters()])
         torch.testing.assert_close(now - starts[k], -task_dominant_projection(grads[k], k))
+
+
+def test_only_the_first_surrogate_step_after_the_copy_shares_the_forward(monkeypatch):
+    strategy = make(surrogate_steps=2)
+    calls = []
+    monkeypatch.setattr(igreg_module, "synced_task_gradients",
+                        lambda *a, **k: calls.append("synced") or synced_task_gradients(*a, **k))
+    monkeypatch.setattr(igreg_module, "task_gradients", lambda *a, **k: calls.append("own") or task_gradients(*a, **k))
+    strategy.train()
+    strategy.step(training_batch())
+    assert calls == ["synced"] + ["own"] * len(strategy.surrogates)      # the second step: surrogates differ
+    assert not strategy.surrogates_synced
 
 
 def with_parts(*batches):

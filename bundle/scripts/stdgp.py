@@ -60,10 +60,14 @@ class Surrogate(nn.Module):
             if name != "heads":
                 getattr(self.classifier, name).load_state_dict(module.state_dict())
 
+    def feature(self, feats: List[Tensor]) -> Tensor:
+        """F_t for encoder features of some rows (neck and classification branch, no head)."""
+        scales, _ = self.neck(feats)
+        return self.classifier.features(scales)
+
     def task_logits(self, feats: List[Tensor], task: int) -> Tuple[Tensor, Tensor]:
         """(F_t, logits of head `task`) for encoder features of some rows."""
-        scales, _ = self.neck(feats)
-        feature = self.classifier.features(scales)
+        feature = self.feature(feats)
         return feature, self.classifier.heads[task](feature)
 
     def forward(self, feats: List[Tensor]) -> Tuple[Tensor, List[Tensor]]:
@@ -82,17 +86,44 @@ def task_gradients(surrogate: Surrogate, task_batches: Sequence[Tuple[int, List[
 
     Returns (gradients [T', P] in the order of `task_batches`, their task indices, detached sum of the losses).
     """
-    params = [p for p in surrogate.parameters() if p.requires_grad]
-    grads, losses = [], []
+    return synced_task_gradients([surrogate], task_batches, autocast)[0]
+
+
+def synced_task_gradients(surrogates: Sequence[Surrogate], task_batches: Sequence[Tuple[int, List[Tensor], Tensor]],
+                          autocast: Callable[[], AbstractContextManager] = nullcontext
+                          ) -> List[Tuple[Tensor, List[int], Tensor]]:
+    """`task_gradients` of each surrogate, for surrogates whose neck and classification branch hold the
+    same values (as `load_from` leaves them; the task heads may differ).
+
+    Each task's rows go once through the first surrogate's neck and branch; every surrogate's loss,
+    through its own head, is back-propagated through that one graph. These are the operations that
+    `task_gradients` runs per surrogate, on the same values, so the results are the same numbers with
+    one forward per task instead of one per task and surrogate.
+    """
+    first = surrogates[0]
+    body = dict(first.named_parameters())
+    params = [[p if name.startswith("classifier.heads.") else body[name]
+               for name, p in s.named_parameters() if p.requires_grad] for s in surrogates]
+    grads: List[List[Tensor]] = [[] for _ in surrogates]
+    losses: List[List[Tensor]] = [[] for _ in surrogates]
     for task, feats, labels in task_batches:
         with autocast():
-            _, logits = surrogate.task_logits(feats, task)
-        loss = F.cross_entropy(logits.float(), labels)
-        step_grads = torch.autograd.grad(loss, params, allow_unused=True)
-        grads.append(torch.cat([(torch.zeros_like(p) if g is None else g).reshape(-1)
-                                for g, p in zip(step_grads, params)]))
-        losses.append(loss.detach())
-    return torch.stack(grads), [t for t, _, _ in task_batches], torch.stack(losses).sum()
+            feature = first.feature(feats)
+        for k, surrogate in enumerate(surrogates):
+            with autocast():
+                logits = surrogate.classifier.heads[task](feature)
+            loss = F.cross_entropy(logits.float(), labels)
+            step_grads = torch.autograd.grad(loss, params[k], retain_graph=k + 1 < len(surrogates),
+                                             allow_unused=True)
+            grads[k].append(flatten_gradients(step_grads, params[k]))
+            losses[k].append(loss.detach())
+    tasks = [t for t, _, _ in task_batches]
+    return [(torch.stack(g), tasks, torch.stack(lo).sum()) for g, lo in zip(grads, losses)]
+
+
+def flatten_gradients(grads: Sequence[Tensor | None], params: Sequence[Tensor]) -> Tensor:
+    """One flat vector of `grads` in the order of `params` (zeros where a parameter was not reached)."""
+    return torch.cat([(torch.zeros_like(p) if g is None else g).reshape(-1) for g, p in zip(grads, params)])
 
 
 def projected_update(surrogate: Surrogate, optimizer: Optimizer, grads: Tensor, tasks: Sequence[int],

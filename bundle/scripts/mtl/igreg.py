@@ -29,6 +29,7 @@ from scripts.stdgp import (
     Surrogate,
     gated_feature_regularizer,
     projected_update,
+    synced_task_gradients,
     task_gradients,
 )
 
@@ -99,6 +100,7 @@ class IGReg(MTLStrategy):
             self.surrogates = nn.ModuleList([Surrogate(network) for _ in network.tasks])
             self.optimizers += [self.make_optimizer(s.parameters()) for s in self.surrogates]
             self.surrogate_batches = surrogate_steps
+            self.surrogates_synced = False  # True while the surrogates' copies of the main path are unchanged
 
     # ---- DPA ------------------------------------------------------------------------------------
     def initialization_due(self, iterations_done: int) -> bool:
@@ -157,6 +159,7 @@ class IGReg(MTLStrategy):
         """Copy the main classification path, all but the task heads, into every surrogate."""
         for s in self.surrogates:
             s.load_from(self.network)
+        self.surrogates_synced = True
 
     @staticmethod
     def task_batches(features: List[Tensor], label: Tensor, task_rows: List[List[int]]) -> list:
@@ -180,11 +183,16 @@ class IGReg(MTLStrategy):
         """One projected step of every surrogate (surrogate k dominated by task k); returns the mean
         over surrogates of their summed task losses before the step.
 
-        The per-task gradients are averaged across ranks before the projection; when a loss or a
-        gradient is not finite no surrogate is updated ("surrogate" goes to `skipped`).
+        Right after `sync_surrogates` the surrogates differ only in their heads, so their task gradients
+        come from one forward per task (`synced_task_gradients`, the same numbers). The per-task
+        gradients are averaged across ranks before the projection; when a loss or a gradient is not
+        finite no surrogate is updated ("surrogate" goes to `skipped`).
         """
         pairs = list(zip(self.surrogates, self.optimizers[1:]))
-        per_surrogate = [task_gradients(s, task_batches, self.autocast) for s, _ in pairs]
+        if self.surrogates_synced:
+            per_surrogate = synced_task_gradients(self.surrogates, task_batches, self.autocast)
+        else:
+            per_surrogate = [task_gradients(s, task_batches, self.autocast) for s in self.surrogates]
         grads = [g for g, _, _ in per_surrogate]
         tasks, loss = per_surrogate[0][1], torch.stack([lo for _, _, lo in per_surrogate]).mean()
         if non_finite_names(average_with_terms(grads, {"surrogate": loss}), grads, "surrogate"):
@@ -192,6 +200,7 @@ class IGReg(MTLStrategy):
             return loss
         for k, ((s, opt), g) in enumerate(zip(pairs, grads)):
             projected_update(s, opt, g, tasks, k)
+        self.surrogates_synced = False
         return loss
 
     def feature_regularizer(self, out: TaskForward, task_batches: list, layout: BatchLayout) -> tuple[Tensor, Tensor]:
