@@ -26,10 +26,8 @@ from typing import Any, Sequence
 import fire
 import numpy as np
 import torch
-from monai.bundle import ConfigParser
 
-from scripts.checkpoint import load_network_weights
-from scripts.saliency_check import BUNDLE, _as_list, _fmt, load_cases, model_label
+from scripts.saliency_check import _as_list, _fmt, load_cases, model_label, read_configs, trained_network
 
 COLUMNS = ("dp_tumour", "dp_control", "tumour_moves_more", "control_in_healthy")
 
@@ -109,16 +107,13 @@ def main(models: Any, config_file: Any = "configs/inference.yaml,configs/demo.ya
     (+ `overrides`, e.g. --dataset_dir); writes `<output>.csv` and prints the tables. `group_depth` folders
     above `seed_<k>` name a model's group (2: e.g. `lr1e-3_ss1/equal`)."""
     torch.set_num_threads(threads)
-    parser = ConfigParser()
-    parser.read_config([str(BUNDLE / f) if not f.startswith("/") else f for f in _as_list(config_file)])
-    parser.update({"bundle_root": str(BUNDLE), "load_pretrain": False, "device": "$torch.device('cpu')", **overrides})
+    parser = read_configs(config_file, overrides)
     tasks = list(parser["tasks"])
     start = time.time()
     cases = load_cases(parser, split, max_cases)
     rows = []
     for path in _as_list(models):
-        network = parser.get_parsed_content("network_def", instantiate=True, lazy=False).cpu().eval()
-        load_network_weights(network, path, "cpu", settings=parser.get_parsed_content("model_settings"))
+        network = trained_network(parser, path)
         group, model_seed = model_label(path)
         if group_depth > 1:
             parts = path.split("/")

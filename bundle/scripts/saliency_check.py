@@ -44,6 +44,22 @@ def _as_list(value: Any) -> list[str]:
     return [v.strip() for v in value.split(",") if v.strip()] if isinstance(value, str) else [str(v) for v in value]
 
 
+def read_configs(config_file: Any, overrides: dict) -> ConfigParser:
+    """The configs `config_file` (comma-separated; relative to the bundle folder unless absolute) with
+    `overrides`, on the CPU and without loading weights."""
+    parser = ConfigParser()
+    parser.read_config([str(BUNDLE / f) if not Path(f).is_absolute() else f for f in _as_list(config_file)])
+    parser.update({"bundle_root": str(BUNDLE), "load_pretrain": False, "device": "$torch.device('cpu')", **overrides})
+    return parser
+
+
+def trained_network(parser: ConfigParser, path: str) -> torch.nn.Module:
+    """The configs' network with the weights of checkpoint `path` (settings checked), in eval mode on the CPU."""
+    network = parser.get_parsed_content("network_def", instantiate=True, lazy=False).cpu().eval()
+    load_network_weights(network, path, "cpu", settings=parser.get_parsed_content("model_settings"))
+    return network
+
+
 def load_cases(parser: ConfigParser, split: str, max_cases: int | None) -> list[dict]:
     """The split's cases with a tumour mask, preprocessed as at inference (image, seg), sorted by id, the
     first `max_cases` of them."""
@@ -136,16 +152,13 @@ def main(models: Any, config_file: Any = "configs/inference.yaml,configs/demo.ya
     """Run the check for every checkpoint in `models` (comma-separated) with the settings of
     `config_file` (+ `overrides`, e.g. --dataset_dir); writes `<output>.csv` and prints the tables."""
     torch.set_num_threads(threads)
-    parser = ConfigParser()
-    parser.read_config([str(BUNDLE / f) if not Path(f).is_absolute() else f for f in _as_list(config_file)])
-    parser.update({"bundle_root": str(BUNDLE), "load_pretrain": False, "device": "$torch.device('cpu')", **overrides})
+    parser = read_configs(config_file, overrides)
     tasks = list(parser["tasks"])
     start = time.time()
     cases = load_cases(parser, split, max_cases)
     rows = []
     for path in _as_list(models):
-        network = parser.get_parsed_content("network_def", instantiate=True, lazy=False).cpu().eval()
-        load_network_weights(network, path, "cpu", settings=parser.get_parsed_content("model_settings"))
+        network = trained_network(parser, path)
         group, model_seed = model_label(path)
         for row in check_model(network, cases, tasks, method, margin, seed, layer):
             rows.append({"group": group, "seed": model_seed, "method": method, "layer": layer, "margin": margin,
