@@ -18,6 +18,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import SimpleITK as sitk
+import torch
 from conftest import BUNDLE, SHARED_DATA, TINY_NET
 from monai.bundle import ConfigWorkflow
 
@@ -94,7 +95,9 @@ def test_brats_case_stays_where_it_is(brats_case, tmp_path):
     _downsampled(brats_case["t2w"], raw / "BraTS2021_00000_t2.nii.gz")
     atlas = _downsampled(str(SHARED_DATA / "sri24" / "sri24_t1_brain.nii.gz"), tmp_path / "sri24_2mm.nii.gz")
     chain = Chain(atlas=str(atlas), atlas_transform="AffineFast")
+    threads = torch.get_num_threads()
     out = Path(run_preprocessing(str(tmp_path / "out"), input_dir=str(tmp_path / "raw"), chain=chain))
+    assert torch.get_num_threads() == threads  # a wider OpenMP pool left behind hangs a later forked trainer
     case = out / "BraTS2021_00000"
     row = json.loads((case / "qc.json").read_text())
     t1c = ants.image_read(str(raw / "BraTS2021_00000_t1ce.nii.gz"))

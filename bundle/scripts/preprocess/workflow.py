@@ -191,6 +191,29 @@ def _init_worker(threads: int) -> None:
     torch.set_num_threads(threads)
 
 
+@contextmanager
+def _thread_budget(threads: int) -> Iterator[None]:
+    """`_init_worker(threads)` for the block in this process, then the process's own settings again: a
+    caller that forks afterwards (a trainer, a test) must not hand its children a wider OpenMP pool than it
+    had, which a forked child can hang on."""
+    import SimpleITK as sitk
+    import torch
+
+    before = (os.environ.get("ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"),
+              sitk.ProcessObject.GetGlobalDefaultNumberOfThreads(), torch.get_num_threads())
+    _init_worker(threads)
+    try:
+        yield
+    finally:
+        env, itk, torch_threads = before
+        if env is None:
+            os.environ.pop("ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS", None)
+        else:
+            os.environ["ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"] = env
+        sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(itk)
+        torch.set_num_threads(torch_threads)
+
+
 def _run_one(case: Mapping[str, str], folder: Path, chain: Chain) -> tuple[dict | None, dict | None]:
     """(QC row, None) or (None, error row): errors travel back from a worker as plain data."""
     import ants
@@ -248,9 +271,9 @@ def prepare_cases(cases: Sequence[Mapping[str, str]], output_dir: str | os.PathL
         bar.update()
 
     if workers == 1:
-        _init_worker(threads)
-        for case in todo:
-            collect(case, _run_one(case, case_folder(out, case), chain))
+        with _thread_budget(threads):
+            for case in todo:
+                collect(case, _run_one(case, case_folder(out, case), chain))
     else:
         context = multiprocessing.get_context("spawn")  # no forked copies of torch's or ITK's thread pools
         with ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker, initargs=(threads,)) as pool:
