@@ -115,9 +115,10 @@ def report(output: Path) -> list[dict[str, Any]]:
     sd, per seed), test mean macro-F1 and Dice (mean), and whether it is the strategy's chosen regime;
     then the final stage's paired table (`final.md`, `final.csv`) and the plot."""
     rows = []
+    chosen_of = {strategy: best_setting(output, strategy) for strategy in GRID}
     for stage in STAGES:
         for strategy, grid in GRID.items():
-            chosen = best_setting(output, strategy)
+            chosen = chosen_of[strategy]
             for base in grid:
                 settings = [base, {**base, "epochs": 2 * DEMO_EPOCHS}]
                 for setting in settings:
