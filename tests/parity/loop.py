@@ -298,19 +298,16 @@ def run_bundle_each(setup: LoopSetup, ref_record: LoopRecord, perturbation: floa
         strategy = bundle_strategy(align_fraction=fraction)
         copy_reference_into_bundle(state, strategy)
         by_name = bundle_names(momenta)
+        name_of = {id(p): n for n, p in strategy.named_parameters()}
         for opt in strategy.optimizers:
             for p in (q for group in opt.param_groups for q in group["params"]):
-                opt.state[p]["exp_avg"] = by_name[_name_of(strategy, p)].clone()
+                opt.state[p]["exp_avg"] = by_name[name_of[id(p)]].clone()
         strategy.train()
         with _replayed_draws(ref_record.perms[it], setup.rand_idx[it], voxels):
             logs = strategy.step(bundle_batch(parts))
         record.gates.append(float(logs["gated"]))
         record.params.append({n: p.detach().clone() for n, p in strategy.named_parameters()})
     return record
-
-
-def _name_of(strategy: IGReg, param: Tensor) -> str:
-    return next(n for n, p in strategy.named_parameters() if p is param)
 
 
 def run_bundle(setup: LoopSetup, start: Dict[str, Tensor], ref_record: LoopRecord) -> LoopRecord:
