@@ -77,3 +77,12 @@ def test_stages_run_in_order_with_the_chosen_setting(tmp_path, monkeypatch):
     assert calls[0][2] == ("final", "lr1e-4_ss2") and calls[0][3]["surrogate_steps"] == 2
     with pytest.raises(ValueError, match="no regime grid"):
         regime.main(stage="select", strategies="pcgrad", output=str(tmp_path))
+
+
+def test_settings_share_one_strategys_grid_between_processes(tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(regime, "train_one", lambda strategy, seed, run_dir, configs, overrides: calls.append(
+        run_dir.relative_to(tmp_path).parts[1]))
+    regime.main(stage="select", strategies="igreg", output=str(tmp_path), report_after=False,
+                settings="lr1e-4_ss1,lr1e-3_ss2")
+    assert calls == ["lr1e-4_ss1"] * 3 + ["lr1e-3_ss2"] * 3

@@ -17,6 +17,8 @@ Run from the bundle folder, e.g. one process per core, then the report:
     python -m scripts.regime --stage select --strategies equal --threads 1 --report_after=False &
     python -m scripts.regime --stage select --strategies igreg --threads 1 --report_after=False &
     wait
+
+(`--settings lr1e-4_ss1,lr3e-4_ss1` shares one strategy's grid between processes.)
     python -m scripts.regime --stage report
 
 Layout: `<output>/<stage>/<setting>/<strategy>/seed_<seed>/` (as `scripts.ablation`); the report writes
@@ -181,7 +183,7 @@ def _plot(rows: list[dict[str, Any]], path: Path) -> None:
 
 def main(stage: str = "report", strategies: Any = tuple(GRID), output: str = "eval/regime",
          config_file: Any = DEFAULT_CONFIGS, threads: int | None = None, diagnose_every: int = 10,
-         report_after: bool = True, **overrides: Any) -> None:
+         report_after: bool = True, settings: Any = None, **overrides: Any) -> None:
     """Train the runs of `stage` (select | longer | final) for `strategies`, or only `report`.
 
     Args:
@@ -192,6 +194,8 @@ def main(stage: str = "report", strategies: Any = tuple(GRID), output: str = "ev
         threads: torch CPU threads (1 for one process per core).
         diagnose_every: iterations between gradient measurements.
         report_after: write the report once the runs are done (False for per-core processes).
+        settings: only these setting names (e.g. `lr1e-4_ss1,lr3e-4_ss2`), to share one strategy's runs
+            between processes; default all of the stage's.
         overrides: any other config id -> value for every run (e.g. dataset_dir).
     """
     out = Path(output)
@@ -204,6 +208,8 @@ def main(stage: str = "report", strategies: Any = tuple(GRID), output: str = "ev
             if strategy not in GRID:
                 raise ValueError(f"no regime grid for strategy {strategy!r}; known: {sorted(GRID)}")
             for setting, seeds in _runs(stage, strategy, out):
+                if settings is not None and setting_name(setting) not in _as_list(settings):
+                    continue
                 for seed in seeds:
                     run_dir = out / stage / setting_name(setting) / strategy / f"seed_{seed}"
                     print(f"[regime] {stage} {strategy} {setting_name(setting)} seed {seed}", flush=True)
