@@ -10,7 +10,9 @@ process on CPU (interpreter, imports, network, optimizer states, activations: no
 or `torch.cuda.max_memory_allocated` on CUDA. A third child times the training loader of the demo
 configuration (`train.yaml` + `demo.yaml`, its dataset cache) and the configured strategy's step on
 those batches with the demo network, so that loading can be compared with training. Prints one JSON
-line. Run from the repository root:
+line. `--parts` adds the time of each part of a step; `--flops` the arithmetic of one step (the
+convolutions' and matrix products' floating-point operations, forward and backward) per part, whose
+IGReg / plain ratio is the floor of the time ratio for this computation. Run from the repository root:
 
     python benchmarks/bench_step.py --size 64 64 64
     python benchmarks/bench_step.py --device cuda --amp --size 160 192 160
@@ -27,6 +29,7 @@ import subprocess
 import sys
 import time
 from collections import defaultdict
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterable, Iterator
 
@@ -34,6 +37,9 @@ BUNDLE = Path(__file__).resolve().parents[1] / "bundle"
 sys.path.insert(0, str(BUNDLE))
 
 import torch  # noqa: E402
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
+from torch.utils._pytree import tree_map  # noqa: E402
+from torch.utils.flop_counter import flop_registry  # noqa: E402
 
 if TYPE_CHECKING:
     from monai.bundle import ConfigParser
@@ -89,11 +95,16 @@ def fixed_batch(tasks: int, size: list[int], device: torch.device, seed: int = 0
 
 class PartTimer:
     """Wall and process CPU time spent in chosen methods or module functions, summed per label and per
-    step (CPU time under the key `label + "/cpu"`)."""
+    step (CPU time under the key `label + "/cpu"`); `current` is the innermost part running."""
 
     def __init__(self, sync: Callable[[], None]) -> None:
         self.sync, self.totals = sync, defaultdict(float)
         self.steps: list[dict[str, float]] = []
+        self.running: list[str] = []
+
+    @property
+    def current(self) -> str:
+        return self.running[-1] if self.running else "rest"
 
     def wrap(self, owner: object, attribute: str, label: str) -> None:
         inner = getattr(owner, attribute)
@@ -101,9 +112,11 @@ class PartTimer:
         def timed(*args, **kwargs):
             self.sync()
             start, start_cpu = time.perf_counter(), time.process_time()
+            self.running.append(label)
             try:
                 return inner(*args, **kwargs)
             finally:
+                self.running.pop()
                 self.sync()
                 self.totals[label] += time.perf_counter() - start
                 self.totals[label + "/cpu"] += time.process_time() - start_cpu
@@ -118,6 +131,24 @@ class PartTimer:
 
     def medians(self) -> dict[str, float]:
         return {k: statistics.median(step.get(k, 0.0) for step in self.steps) for k in self.steps[0]}
+
+
+class FlopCounter(TorchDispatchMode):
+    """Floating-point operations of the convolutions and matrix products run under it, forward and
+    backward (torch's own per-operator formulas), summed per part: `part()` names the part running."""
+
+    def __init__(self, part: Callable[[], str]) -> None:
+        super().__init__()
+        self.part, self.flops = part, defaultdict(int)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        formula = flop_registry.get(func._overloadpacket)
+        if formula is not None:
+            shape = partial(tree_map, lambda x: x.shape if isinstance(x, torch.Tensor) else x)
+            self.flops[self.part()] += formula(*shape(args), **shape(kwargs), out_val=shape(out))
+        return out
 
 
 def time_calls(call: Callable[[], object], warmup: int, repeats: int, sync: Callable[[], None],
@@ -156,7 +187,7 @@ def step_child(args: argparse.Namespace) -> dict:
     batch = fixed_batch(len(strategy.network.tasks), args.size, device, parts=1 + strategy.surrogate_batches)
     strategy.initialize([batch])
     timer = None
-    if args.parts:
+    if args.parts or args.flops:
         timer = PartTimer(sync)
         for module in (scripts.mtl.base, scripts.mtl.igreg):  # the guards of the updates and of the surrogates
             timer.wrap(module, "non_finite_names", "guard")
@@ -174,7 +205,12 @@ def step_child(args: argparse.Namespace) -> dict:
     times, cpu = time_calls(lambda: strategy.step(batch), args.warmup, args.repeats, sync, timer)
     out = {"step_s": statistics.median(times), "times_s": [round(t, 3) for t in times], "cpu_s": statistics.median(cpu),
            "peak_mib": peak_mib(device), "threads": torch.get_num_threads(), "skipped": strategy.skipped}
-    if timer is not None:
+    if args.flops:  # one more step, counted (not timed: the counting slows every operator)
+        with FlopCounter(lambda: timer.current) as counter:
+            strategy.step(batch)
+        out["gflop"] = sum(counter.flops.values()) / 1e9
+        out["gflop_parts"] = {k: round(v / 1e9, 3) for k, v in counter.flops.items()}
+    if args.parts:
         medians = timer.medians()
         out["parts_s"] = {k: round(v, 3) for k, v in medians.items() if not k.endswith("/cpu")}
         out["parts_cpu_s"] = {k[:-4]: round(v, 3) for k, v in medians.items() if k.endswith("/cpu")}
@@ -221,7 +257,8 @@ def run_child(args: argparse.Namespace, mode: str) -> dict:
                "--device", args.device, "--repeats", str(args.repeats), "--warmup", str(args.warmup),
                "--demo_dir", args.demo_dir]
     command += ["--threads", str(args.threads)] if args.threads else []
-    command += [flag for flag, on in [("--amp", args.amp), ("--tiny", args.tiny), ("--parts", args.parts)] if on]
+    command += [flag for flag, on in [("--amp", args.amp), ("--tiny", args.tiny), ("--parts", args.parts),
+                                      ("--flops", args.flops)] if on]
     done = subprocess.run(command, stdout=subprocess.PIPE, check=True, text=True)
     return json.loads(done.stdout.strip().splitlines()[-1])
 
@@ -239,6 +276,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="demo cohort for the data-loading figures (generated when absent)")
     parser.add_argument("--skip_data", action="store_true", help="leave out the data-loading figures")
     parser.add_argument("--parts", action="store_true", help="add the time per part of each step")
+    parser.add_argument("--flops", action="store_true",
+                        help="add the convolution and matrix-product GFLOP of one step, per innermost part")
     parser.add_argument("--tiny", action="store_true", help="a tiny network instead of the configured ones (tests)")
     parser.add_argument("--_mode", choices=["igreg", "plain", "data"], help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -268,6 +307,10 @@ def main(argv: list[str] | None = None) -> None:
     if args.parts:
         report.update(igreg_parts_s=igreg["parts_s"], plain_parts_s=plain["parts_s"],
                       igreg_parts_cpu_s=igreg["parts_cpu_s"], plain_parts_cpu_s=plain["parts_cpu_s"])
+    if args.flops:
+        report.update(igreg_gflop=round(igreg["gflop"], 3), plain_gflop=round(plain["gflop"], 3),
+                      flop_ratio=round(igreg["gflop"] / plain["gflop"], 2),
+                      igreg_gflop_parts=igreg["gflop_parts"], plain_gflop_parts=plain["gflop_parts"])
     if not args.skip_data:
         data = run_child(args, "data")
         report.update(batch_s=round(data["batch_s"], 3), demo_step_s=round(data["step_s"], 3),

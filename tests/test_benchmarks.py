@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from conftest import REPO
 
 sys.path.insert(0, str(REPO / "benchmarks"))
-from bench_step import data_child  # noqa: E402
+from bench_step import FlopCounter, data_child  # noqa: E402
 from cohort_cues import split_auc  # noqa: E402
 from memory_estimate import CudaAutocastPolicy, LiveTensorBytes, fit_line  # noqa: E402
 
@@ -23,7 +23,7 @@ from scripts.data import generate_cohort, load_datalist, write_datalist  # noqa:
 
 def test_bench_step_prints_one_json_report():
     command = [sys.executable, str(REPO / "benchmarks" / "bench_step.py"), "--tiny", "--size", "32", "32", "32",
-               "--repeats", "2", "--warmup", "0", "--threads", "1", "--skip_data", "--parts"]
+               "--repeats", "2", "--warmup", "0", "--threads", "1", "--skip_data", "--parts", "--flops"]
     report = json.loads(subprocess.run(command, stdout=subprocess.PIPE, check=True, text=True).stdout)
     assert report["size"] == [32, 32, 32] and report["device"] == "cpu" and report["threads"] == 1
     assert report["igreg_s"] > 0 and report["plain_s"] > 0 and report["skipped"] == []
@@ -38,6 +38,23 @@ def test_bench_step_prints_one_json_report():
     inner = report["igreg_parts_s"]["surrogate_task_gradients"] + report["igreg_parts_s"]["surrogate_projection_lion"]
     assert 0 < inner <= report["igreg_parts_s"]["surrogate_updates"] * 1.01     # parts of the surrogate updates
     assert "batch_s" not in report
+    assert report["flop_ratio"] == pytest.approx(report["igreg_gflop"] / report["plain_gflop"], rel=0.02)
+    plain, igreg = report["plain_gflop_parts"], report["igreg_gflop_parts"]
+    assert set(plain) == {"forward", "main_backward_step"} and plain["main_backward_step"] > plain["forward"]
+    assert igreg["forward"] >= plain["forward"] and igreg["surrogate_task_gradients"] > 0   # the extra decoded row
+    assert igreg["surrogate_batches_encoder"] > 0 and report["flop_ratio"] > 1
+
+
+def test_flop_counter_counts_a_convolution_and_its_backward_in_the_running_part():
+    conv = torch.nn.Conv3d(3, 4, 3, padding=1, bias=False)
+    x = torch.randn(2, 3, 8, 8, 8, requires_grad=True)
+    part = ["forward"]
+    with FlopCounter(lambda: part[0]) as counter:
+        y = conv(x)
+        part[0] = "backward"
+        y.sum().backward()
+    forward = 2 * 2 * 4 * 3 * 27 * 8 ** 3                      # multiply-adds of every output voxel
+    assert counter.flops == {"forward": forward, "backward": 2 * forward}   # input and weight gradients
 
 
 def test_data_child_times_the_demo_loader_and_step(tmp_path):
