@@ -3,6 +3,9 @@
 import csv
 import json
 import shutil
+import socket
+import subprocess
+import sys
 
 import pytest
 
@@ -86,3 +89,22 @@ def test_settings_share_one_strategys_grid_between_processes(tmp_path, monkeypat
     regime.main(stage="select", strategies="igreg", output=str(tmp_path), report_after=False,
                 settings="lr1e-4_ss1,lr1e-3_ss2")
     assert calls == ["lr1e-4_ss1"] * 3 + ["lr1e-3_ss2"] * 3
+
+
+def test_a_run_another_live_process_trains_is_skipped(tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(regime, "train_one", lambda strategy, seed, run_dir, configs, overrides: calls.append(seed))
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        busy = tmp_path / "select" / "lr1e-4_ss1" / "equal" / "seed_101" / "models"
+        busy.mkdir(parents=True)
+        (busy / ".training.lock").write_text(json.dumps({"pid": other.pid, "host": socket.gethostname()}))
+        regime.main(stage="select", strategies="equal", output=str(tmp_path), report_after=False,
+                    settings="lr1e-4_ss1")
+    finally:
+        other.kill()
+    assert calls == [100, 102]
+    assert (tmp_path / "select" / "lr1e-4_ss1" / "equal" / "seed_100" / "models" / ".training.lock").exists()
+    fake_run(tmp_path, "select", "equal", regime.GRID["equal"][1], 100, val_f1=0.7)
+    assert not regime.claimed_elsewhere(tmp_path / "select" / "lr3e-4_ss1" / "equal" / "seed_100")   # finished
+    assert not (tmp_path / "select" / "lr3e-4_ss1" / "equal" / "seed_100" / "models").exists()

@@ -18,7 +18,8 @@ Run from the bundle folder, e.g. one process per core, then the report:
     python -m scripts.regime --stage select --strategies igreg --threads 1 --report_after=False &
     wait
 
-(`--settings lr1e-4_ss1,lr3e-4_ss1` shares one strategy's grid between processes.)
+(`--settings lr1e-4_ss1,lr3e-4_ss1` shares one strategy's grid between processes; processes given the same
+runs take turns: a run another live process trains is skipped.)
     python -m scripts.regime --stage report
 
 Layout: `<output>/<stage>/<setting>/<strategy>/seed_<seed>/` (as `scripts.ablation`); the report writes
@@ -38,6 +39,7 @@ import numpy as np
 import torch
 
 from scripts.ablation import DEFAULT_CONFIGS, _as_bool, _as_list, _read_csv, summarize, train_one, write_table
+from scripts.options import TrainingLockError, acquire_training_lock
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -110,6 +112,20 @@ def _runs(stage: str, strategy: str, output: Path) -> list[tuple[dict[str, Any],
     if stage == "longer":
         return [({**{k: v for k, v in chosen.items() if k != "epochs"}, "epochs": 2 * DEMO_EPOCHS}, SELECTION_SEEDS)]
     return [(chosen, FINAL_SEEDS)]
+
+
+def claimed_elsewhere(run_dir: Path) -> bool:
+    """True when another live process trains `run_dir`; otherwise this process takes the run's lock
+    (the training's own, on its checkpoint folder), so that processes sharing a stage take turns. A
+    finished run (tested) is read back, not locked."""
+    result = run_dir / "result.json"
+    if result.exists() and "test" in json.loads(result.read_text()):
+        return False
+    try:
+        acquire_training_lock(run_dir / "models")
+    except TrainingLockError:
+        return True
+    return False
 
 
 def report(output: Path) -> list[dict[str, Any]]:
@@ -212,6 +228,9 @@ def main(stage: str = "report", strategies: Any = tuple(GRID), output: str = "ev
                     continue
                 for seed in seeds:
                     run_dir = out / stage / setting_name(setting) / strategy / f"seed_{seed}"
+                    if claimed_elsewhere(run_dir):
+                        print(f"[regime] {run_dir} is trained by another process: skipped", flush=True)
+                        continue
                     print(f"[regime] {stage} {strategy} {setting_name(setting)} seed {seed}", flush=True)
                     train_one(strategy, seed, run_dir, _as_list(config_file),
                               {**overrides, **setting, "diagnose_every": diagnose_every})
