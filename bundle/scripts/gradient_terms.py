@@ -116,6 +116,7 @@ def main(runs: Any, output: str = "gradient_terms", window: int = 5) -> None:
         p = Path(folder)
         groups[f"{p.parent.name}/{p.name}"] = load_group(p)
     rows = summary(groups)
+    Path(output).parent.mkdir(parents=True, exist_ok=True)
     with open(f"{output}.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
