@@ -26,12 +26,12 @@ def test_groups_mean_over_seeds_and_equal_read_from_its_task_columns(tmp_path, c
         write_run(equal, seed, [{"iteration": i, "norm_idh": 2.0, "sign_agree_idh": 0.7} for i in (10, 20, 30)])
     x, values = load_group(equal)
     assert list(x) == [10, 20, 30] and values["term_norm_idh"].shape == (2, 3)
-    main(f"{igreg},{equal}", output=str(tmp_path / "out"))
-    rows = {(r["group"], r["term"]): r for r in csv.DictReader(open(tmp_path / "out.csv"))}
+    main(f"{igreg},{equal}", output=str(tmp_path / "new_folder" / "out"))
+    rows = {(r["group"], r["term"]): r for r in csv.DictReader(open(tmp_path / "new_folder" / "out.csv"))}
     assert float(rows[("a/igreg", "idh")]["grad_norm"]) == pytest.approx(30.0)      # mean of 10, 20, 30, 60
     assert float(rows[("a/equal", "idh")]["sign_agree"]) == pytest.approx(0.7)
     assert [t for g, t in rows if g == "a/igreg"] == ["idh", "margin"]              # the paper's order
-    assert (tmp_path / "out.png").stat().st_size > 10_000
+    assert (tmp_path / "new_folder" / "out.png").stat().st_size > 10_000
     assert "| a/igreg | margin | 2 | 10 | 0.600 |" in capsys.readouterr().out
 
 
