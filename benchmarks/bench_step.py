@@ -183,6 +183,8 @@ def step_child(args: argparse.Namespace) -> dict:
     device = torch.device(args.device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     parser = load_config(demo=False, tiny=args.tiny)
+    if args.surrogate_steps is not None:
+        parser["surrogate_steps"] = args.surrogate_steps
     strategy = build(parser, STRATEGY_OF_MODE[args._mode], device, args.amp)
     batch = fixed_batch(len(strategy.network.tasks), args.size, device, parts=1 + strategy.surrogate_batches)
     strategy.initialize([batch])
@@ -204,7 +206,8 @@ def step_child(args: argparse.Namespace) -> dict:
                 timer.wrap(strategy, attribute, label)
     times, cpu = time_calls(lambda: strategy.step(batch), args.warmup, args.repeats, sync, timer)
     out = {"step_s": statistics.median(times), "times_s": [round(t, 3) for t in times], "cpu_s": statistics.median(cpu),
-           "peak_mib": peak_mib(device), "threads": torch.get_num_threads(), "skipped": strategy.skipped}
+           "peak_mib": peak_mib(device), "threads": torch.get_num_threads(), "skipped": strategy.skipped,
+           "surrogate_steps": getattr(strategy, "surrogate_steps", 0)}
     if args.flops:  # one more step, counted (not timed: the counting slows every operator)
         with FlopCounter(lambda: timer.current) as counter:
             strategy.step(batch)
@@ -257,6 +260,7 @@ def run_child(args: argparse.Namespace, mode: str) -> dict:
                "--device", args.device, "--repeats", str(args.repeats), "--warmup", str(args.warmup),
                "--demo_dir", args.demo_dir]
     command += ["--threads", str(args.threads)] if args.threads else []
+    command += ["--surrogate_steps", str(args.surrogate_steps)] if getattr(args, "surrogate_steps", None) else []
     command += [flag for flag, on in [("--amp", args.amp), ("--tiny", args.tiny), ("--parts", args.parts),
                                       ("--flops", args.flops)] if on]
     done = subprocess.run(command, stdout=subprocess.PIPE, check=True, text=True)
@@ -278,6 +282,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--parts", action="store_true", help="add the time per part of each step")
     parser.add_argument("--flops", action="store_true",
                         help="add the convolution and matrix-product GFLOP of one step, per innermost part")
+    parser.add_argument("--surrogate_steps", type=int, default=None,
+                        help="IGReg's surrogate steps per outer iteration (default: train.yaml's, 2)")
     parser.add_argument("--tiny", action="store_true", help="a tiny network instead of the configured ones (tests)")
     parser.add_argument("--_mode", choices=["igreg", "plain", "data"], help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -294,6 +300,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     igreg, plain = run_child(args, "igreg"), run_child(args, "plain")
     report = {"size": args.size, "device": args.device, "threads": igreg["threads"],
+              "surrogate_steps": igreg["surrogate_steps"],
               "igreg_s": round(igreg["step_s"], 3), "plain_s": round(plain["step_s"], 3),
               "ratio": round(igreg["step_s"] / plain["step_s"], 2),
               "igreg_peak_mib": round(igreg["peak_mib"]), "plain_peak_mib": round(plain["peak_mib"]),

@@ -23,9 +23,11 @@ from scripts.data import generate_cohort, load_datalist, write_datalist  # noqa:
 
 def test_bench_step_prints_one_json_report():
     command = [sys.executable, str(REPO / "benchmarks" / "bench_step.py"), "--tiny", "--size", "32", "32", "32",
-               "--repeats", "2", "--warmup", "0", "--threads", "1", "--skip_data", "--parts", "--flops"]
+               "--repeats", "2", "--warmup", "0", "--threads", "1", "--skip_data", "--parts", "--flops",
+               "--surrogate_steps", "1"]
     report = json.loads(subprocess.run(command, stdout=subprocess.PIPE, check=True, text=True).stdout)
     assert report["size"] == [32, 32, 32] and report["device"] == "cpu" and report["threads"] == 1
+    assert report["surrogate_steps"] == 1                      # the option reaches the strategy
     assert report["igreg_s"] > 0 and report["plain_s"] > 0 and report["skipped"] == []
     assert report["ratio"] == pytest.approx(report["igreg_s"] / report["plain_s"], rel=0.02)   # inputs rounded
     assert report["mem_ratio"] == pytest.approx(report["igreg_peak_mib"] / report["plain_peak_mib"], rel=0.02)
