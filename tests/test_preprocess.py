@@ -301,31 +301,3 @@ def test_inference_with_preprocess_writes_the_mask_on_the_raw_t1c_grid(tmp_path,
     assert (out / "preprocessed" / "P7" / "t1c_to_atlas.mat").is_file()
     assert json.loads((out / "P7.json").read_text())["idh"]["class"] in (0, 1)
     np.testing.assert_allclose(ras_affine(to_ants(read_image(case["t1c"]))), raw_t1c.affine, atol=1e-4)
-
-
-REGISTER_TWICE = """
-import sys
-import ants
-import numpy as np
-from pathlib import Path
-from scripts.preprocess.coregister import register
-atlas = ants.image_read(sys.argv[1], pixeltype="float")
-atlas = ants.resample_image(atlas, (4, 4, 4), use_voxels=False, interp_type=0)
-moving = ants.from_numpy(np.roll(atlas.numpy(), 2, axis=0).copy(), origin=atlas.origin, spacing=atlas.spacing,
-                         direction=atlas.direction)
-a, b = (ants.read_transform(str(register(atlas, moving, "AffineFast", Path(sys.argv[2]) / f"{i}.mat", initial=None)))
-        .parameters for i in range(2))
-print(np.abs(np.asarray(a) - np.asarray(b)).max())
-"""
-
-
-def test_a_rerun_registers_the_same_on_one_thread(tmp_path):
-    """ANTs' sampled metric is seeded: two registrations of the same pair give the same affine, bit for bit,
-    on one ITK thread (unseeded, ANTs takes the clock and they differ)."""
-    import os
-    import subprocess
-    import sys
-    env = {**os.environ, "ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS": "1", "PYTHONPATH": str(BUNDLE)}
-    done = subprocess.run([sys.executable, "-c", REGISTER_TWICE, str(DEFAULT_ATLAS), str(tmp_path)], env=env,
-                          stdout=subprocess.PIPE, text=True, check=True)
-    assert float(done.stdout.strip().splitlines()[-1]) == 0.0

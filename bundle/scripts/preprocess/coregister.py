@@ -2,26 +2,12 @@
 from __future__ import annotations
 
 import shutil
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Sequence
 
 import ants
 
 TRANSFORMS = ("Rigid", "Affine", "QuickRigid", "AffineFast")
-SEED = 1  # ANTs draws its metric's sample points; unseeded it takes the clock, and a rerun registers otherwise
-
-
-@contextmanager
-def seeded_ants(seed: int = SEED) -> Iterator[None]:
-    """ANTs' registrations in the block draw their samples from `seed` (antspyx passes its configured seed as
-    `--random-seed`; `ants.config.set_ants_deterministic` would also seed numpy and force one thread)."""
-    before = ants.config._random_seed
-    ants.config._random_seed = seed
-    try:
-        yield
-    finally:
-        ants.config._random_seed = before
 
 
 def register(fixed: ants.ANTsImage, moving: ants.ANTsImage, transform: str, out_path: Path,
@@ -33,10 +19,9 @@ def register(fixed: ants.ANTsImage, moving: ants.ANTsImage, transform: str, out_
     if transform not in TRANSFORMS:
         raise ValueError(f"transform {transform!r} is not one of {', '.join(TRANSFORMS)}")
     levels = {"aff_iterations": tuple(int(i) for i in iterations)} if iterations else {}
-    with seeded_ants():
-        result = ants.registration(fixed, moving, type_of_transform=transform, **levels,
-                                   initial_transform=None if initial is None else [initial],
-                                   outprefix=str(out_path.with_suffix("")) + "_")
+    result = ants.registration(fixed, moving, type_of_transform=transform, **levels,
+                               initial_transform=None if initial is None else [initial],
+                               outprefix=str(out_path.with_suffix("")) + "_")
     shutil.move(result["fwdtransforms"][0], out_path)
     return out_path
 
