@@ -113,7 +113,8 @@ def run_reference_child(args: argparse.Namespace, mode: str) -> dict:
 def run_bundle_child(args: argparse.Namespace, mode: str) -> dict:
     """`bench_step.py`'s child for the bundle's strategy (`igreg` or `plain`)."""
     child = argparse.Namespace(size=args.size, device="cpu", repeats=args.repeats, warmup=args.warmup, demo_dir="",
-                               threads=args.threads, amp=False, tiny=args.tiny_bundle, parts=False, flops=False)
+                               threads=args.threads, amp=False, tiny=args.tiny_bundle, parts=False, flops=False,
+                               surrogate_steps=args.surrogate_steps)
     return run_child(child, mode)
 
 

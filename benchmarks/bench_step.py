@@ -133,6 +133,9 @@ class PartTimer:
         return {k: statistics.median(step.get(k, 0.0) for step in self.steps) for k in self.steps[0]}
 
 
+_shapes = partial(tree_map, lambda x: x.shape if isinstance(x, torch.Tensor) else x)  # what flop formulas read
+
+
 class FlopCounter(TorchDispatchMode):
     """Floating-point operations of the convolutions and matrix products run under it, forward and
     backward (torch's own per-operator formulas), summed per part: `part()` names the part running."""
@@ -146,8 +149,7 @@ class FlopCounter(TorchDispatchMode):
         out = func(*args, **kwargs)
         formula = flop_registry.get(func._overloadpacket)
         if formula is not None:
-            shape = partial(tree_map, lambda x: x.shape if isinstance(x, torch.Tensor) else x)
-            self.flops[self.part()] += formula(*shape(args), **shape(kwargs), out_val=shape(out))
+            self.flops[self.part()] += formula(*_shapes(args), **_shapes(kwargs), out_val=_shapes(out))
         return out
 
 
@@ -260,7 +262,7 @@ def run_child(args: argparse.Namespace, mode: str) -> dict:
                "--device", args.device, "--repeats", str(args.repeats), "--warmup", str(args.warmup),
                "--demo_dir", args.demo_dir]
     command += ["--threads", str(args.threads)] if args.threads else []
-    command += ["--surrogate_steps", str(args.surrogate_steps)] if getattr(args, "surrogate_steps", None) else []
+    command += ["--surrogate_steps", str(args.surrogate_steps)] if args.surrogate_steps is not None else []
     command += [flag for flag, on in [("--amp", args.amp), ("--tiny", args.tiny), ("--parts", args.parts),
                                       ("--flops", args.flops)] if on]
     done = subprocess.run(command, stdout=subprocess.PIPE, check=True, text=True)

@@ -108,3 +108,17 @@ def test_a_run_another_live_process_trains_is_skipped(tmp_path, monkeypatch):
     fake_run(tmp_path, "select", "equal", regime.GRID["equal"][1], 100, val_f1=0.7)
     assert not regime.claimed_elsewhere(tmp_path / "select" / "lr3e-4_ss1" / "equal" / "seed_100")   # finished
     assert not (tmp_path / "select" / "lr3e-4_ss1" / "equal" / "seed_100" / "models").exists()
+
+
+def test_report_pairs_igreg_with_equal_by_seed(tmp_path):
+    for seed, (mine, theirs) in zip(regime.SELECTION_SEEDS, [(0.70, 0.80), (0.72, 0.80), (0.68, 0.81)]):
+        fake_run(tmp_path, "select", "igreg", {"learning_rate": 1e-4, "surrogate_steps": 1}, seed, val_f1=mine)
+        fake_run(tmp_path, "select", "equal", {"learning_rate": 1e-4, "surrogate_steps": 1}, seed, val_f1=theirs)
+    rows = regime.paired_rows(tmp_path)
+    assert [(r["run"], r["minus"], r["seeds"]) for r in rows] == [
+        ("select igreg lr1e-4_ss1", "select equal lr1e-4_ss1", 3)]
+    assert rows[0]["mean"] == pytest.approx(-0.31 / 3)                    # seed by seed: -0.10, -0.08, -0.13
+    assert -0.13 <= rows[0]["low"] <= rows[0]["mean"] <= rows[0]["high"] <= -0.08
+    regime.report(tmp_path)
+    row = "| select igreg lr1e-4_ss1 | select equal lr1e-4_ss1 | 3 | -0.103 [-0.130, -0.080] |"
+    assert row in (tmp_path / "regime.md").read_text()

@@ -162,11 +162,17 @@ def eval_configs(config_file: Sequence[str], evaluate: str = EVALUATE_CONFIG) ->
     return [config_file[0], evaluate, *config_file[1:]]
 
 
+def read_result(run_dir: Path) -> dict | None:
+    """`result.json` of a run, or None before its training has finished; a finished run's has "test"."""
+    path = run_dir / "result.json"
+    return json.loads(path.read_text()) if path.exists() else None
+
+
 def train_one(strategy: str, seed: int, run_dir: Path, config_file: Sequence[str], overrides: dict) -> dict:
     """Train one strategy with one seed into `run_dir`, test its selected checkpoint, and return its
     `result.json` content. A finished run is read back; one trained but not tested is tested."""
     result_path = run_dir / "result.json"
-    result = json.loads(result_path.read_text()) if result_path.exists() else None
+    result = read_result(run_dir)
     if result is not None and "test" in result:
         return result
     if result is None:

@@ -12,18 +12,19 @@ finished run is read back, an interrupted one resumes):
 3. `final`: the chosen regime of each strategy with fresh seeds (0-4), scored on the testing split; the
    table gives the paired difference to `equal` with its bootstrap interval (`scripts.ablation.summarize`).
 
-Run from the bundle folder, e.g. one process per core, then the report:
+Run from the bundle folder, one process per core (processes given the same runs take turns: a run another
+live process trains is skipped; `--settings lr1e-4_ss1,lr3e-4_ss1` gives a process part of a grid), each stage
+after the one before, then the report:
 
-    python -m scripts.regime --stage select --strategies equal --threads 1 --report_after=False &
-    python -m scripts.regime --stage select --strategies igreg --threads 1 --report_after=False &
-    wait
-
-(`--settings lr1e-4_ss1,lr3e-4_ss1` shares one strategy's grid between processes; processes given the same
-runs take turns: a run another live process trains is skipped.)
+    R="python -m scripts.regime --threads 1 --report_after=False"
+    $R --stage select & $R --stage select & wait
+    $R --stage longer & $R --stage longer & wait
+    $R --stage final & $R --stage final & wait
     python -m scripts.regime --stage report
 
 Layout: `<output>/<stage>/<setting>/<strategy>/seed_<seed>/` (as `scripts.ablation`); the report writes
-`<output>/regime.md` and `regime.csv` (one row per stage, strategy and setting) and `regime.png`.
+`<output>/regime.md` and `regime.csv` (one row per stage, strategy and setting, then the paired differences of
+`paired_rows`) and `regime.png`.
 """
 
 from __future__ import annotations
@@ -38,7 +39,17 @@ import matplotlib
 import numpy as np
 import torch
 
-from scripts.ablation import DEFAULT_CONFIGS, _as_bool, _as_list, _read_csv, summarize, train_one, write_table
+from scripts.ablation import (
+    DEFAULT_CONFIGS,
+    _as_bool,
+    _as_list,
+    _read_csv,
+    paired_difference,
+    read_result,
+    summarize,
+    train_one,
+    write_table,
+)
 from scripts.options import TrainingLockError, acquire_training_lock
 
 matplotlib.use("Agg")
@@ -118,14 +129,39 @@ def claimed_elsewhere(run_dir: Path) -> bool:
     """True when another live process trains `run_dir`; otherwise this process takes the run's lock
     (the training's own, on its checkpoint folder), so that processes sharing a stage take turns. A
     finished run (tested) is read back, not locked."""
-    result = run_dir / "result.json"
-    if result.exists() and "test" in json.loads(result.read_text()):
+    if "test" in (read_result(run_dir) or {}):
         return False
     try:
         acquire_training_lock(run_dir / "models")
     except TrainingLockError:
         return True
     return False
+
+
+def paired_rows(output: Path) -> list[dict[str, Any]]:
+    """Paired differences of the validation mean macro-F1 over the seeds both runs have (mean and 95%
+    bootstrap interval, `scripts.ablation.paired_difference`): each IGReg setting against `equal` at the same
+    learning rate, IGReg's two surrogate steps against one, and each setting at twice the epochs against the
+    demo's length."""
+    def demo(lr: float, steps: int) -> dict[str, Any]:
+        return {"learning_rate": lr, "surrogate_steps": steps}
+
+    pairs = [(("igreg", "select", demo(lr, steps)), ("equal", "select", demo(lr, 1)))
+             for lr in LEARNING_RATES for steps in (1, 2)]
+    pairs += [(("igreg", "select", demo(lr, 2)), ("igreg", "select", demo(lr, 1))) for lr in LEARNING_RATES]
+    pairs += [((strategy, "longer", {**base, "epochs": 2 * DEMO_EPOCHS}), (strategy, "select", base))
+              for strategy, grid in GRID.items() for base in grid]
+    rows = []
+    for (strategy_a, stage_a, a), (strategy_b, stage_b, b) in pairs:
+        found_a = scores(output, stage_a, strategy_a, a, SELECTION_SEEDS)
+        found_b = scores(output, stage_b, strategy_b, b, SELECTION_SEEDS)
+        seeds = sorted(set(found_a) & set(found_b))
+        if not seeds:
+            continue
+        mean, low, high = paired_difference([found_a[s] - found_b[s] for s in seeds])
+        rows.append({"run": f"{stage_a} {strategy_a} {setting_name(a)}", "minus": f"{stage_b} {strategy_b} "
+                     f"{setting_name(b)}", "seeds": len(seeds), "mean": mean, "low": low, "high": high})
+    return rows
 
 
 def report(output: Path) -> list[dict[str, Any]]:
@@ -176,6 +212,13 @@ def _write_rows(rows: list[dict[str, Any]], output: Path) -> None:
         lines.append(f"| {r['stage']} | {r['strategy']} | {r['setting']} | {r['seeds']} | {r['val_f1_mean']:.3f}{sd} "
                      f"({r['val_f1_per_seed']}) | {r['test_f1_mean']:.3f} | {r['test_dice_mean']:.3f} | "
                      f"{'yes' if r['chosen'] else ''} |")
+    paired = paired_rows(output)
+    if paired:
+        lines += ["", "Paired differences of the validation mean macro-F1 (95% bootstrap interval over the seeds both",
+                  "have):", "", "| run | minus | seeds | difference [95% CI] |", "|---|---|---:|---:|"]
+        for r in paired:
+            interval = "" if np.isnan(r["low"]) else f" [{r['low']:+.3f}, {r['high']:+.3f}]"
+            lines.append(f"| {r['run']} | {r['minus']} | {r['seeds']} | {r['mean']:+.3f}{interval} |")
     (output / "regime.md").write_text("\n".join(lines) + "\n")
 
 
@@ -215,6 +258,7 @@ def main(stage: str = "report", strategies: Any = tuple(GRID), output: str = "ev
         overrides: any other config id -> value for every run (e.g. dataset_dir).
     """
     out = Path(output)
+    only = None if settings is None else set(_as_list(settings))
     if threads:
         torch.set_num_threads(int(threads))
     if stage != "report":
@@ -224,7 +268,7 @@ def main(stage: str = "report", strategies: Any = tuple(GRID), output: str = "ev
             if strategy not in GRID:
                 raise ValueError(f"no regime grid for strategy {strategy!r}; known: {sorted(GRID)}")
             for setting, seeds in _runs(stage, strategy, out):
-                if settings is not None and setting_name(setting) not in _as_list(settings):
+                if only is not None and setting_name(setting) not in only:
                     continue
                 for seed in seeds:
                     run_dir = out / stage / setting_name(setting) / strategy / f"seed_{seed}"
