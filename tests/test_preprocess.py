@@ -108,7 +108,9 @@ def test_brats_case_stays_where_it_is(brats_case, tmp_path):
     np.testing.assert_allclose(coreg[:9].reshape(3, 3), np.eye(3), atol=0.05)  # T2W was on the T1C grid:
     assert np.abs(coreg[9:]).max() < 2.0                                         # within 3 degrees and a voxel
     to_atlas = ants.read_transform(str(case / "t1c_to_atlas.mat")).parameters
-    np.testing.assert_allclose(to_atlas[:9].reshape(3, 3), np.eye(3), atol=0.12)  # an affine near identity
+    # an affine near identity: AffineFast at 2 mm leaves 0.07-0.13 on this case, by seed and ITK threads
+    # (benchmarks/registration_spread.py); a flipped axis or a wrong header is off by about 1
+    np.testing.assert_allclose(to_atlas[:9].reshape(3, 3), np.eye(3), atol=0.2)
     own = dice(stripped, ants.image_read(str(atlas)).numpy())  # the same 2 mm grid: the input's own fit (0.89)
     assert row["qc_pass"] and row["dice_atlas"] > own + 0.01  # the affine fits the brain to the atlas better
     seg = nib.load(case / "seg.nii.gz") if (case / "seg.nii.gz").exists() else None
@@ -217,7 +219,9 @@ def test_workflow_rerun_errors_gate_and_output_rules(tmp_path, tiny_atlas, monke
     (raw / "broken_t1c.nii.gz").write_bytes(b"not a NIfTI file")
     synthetic(raw / "broken_t2w.nii.gz", (20, 20, 20), 6.0, "t2w")
     out = tmp_path / "out"
-    chain = Chain(atlas=str(tiny_atlas), **FAST)
+    # the gate under test is the NMI's; the tiny 4 mm case's Dice with the atlas varies with ITK's threads
+    # (0.90-0.98 here, 0.85 once), so the Dice gate is set below that spread
+    chain = Chain(atlas=str(tiny_atlas), **FAST, qc_min_dice=0.8)
     with pytest.raises(FileExistsError, match="inside input_dir"):
         run_preprocessing(str(raw / "out"), input_dir=str(raw), chain=chain)
     with caplog.at_level(logging.WARNING), pytest.raises(PreprocessError, match="broken") as err:
@@ -227,7 +231,7 @@ def test_workflow_rerun_errors_gate_and_output_rules(tmp_path, tiny_atlas, monke
     assert [(e["case_id"], e["field"]) for e in errors] == [("broken", "t1c")]
     assert errors[0]["file"].endswith("broken_t1c.nii.gz") and "cannot read" in errors[0]["problem"]
     rows = {r["case_id"]: r for r in csv.DictReader(open(out / "qc.csv"))}
-    assert rows["good"]["qc_pass"] == "True" and float(rows["good"]["dice_atlas"]) >= 0.9
+    assert rows["good"]["qc_pass"] == "True" and float(rows["good"]["dice_atlas"]) >= 0.8
     assert rows["noisy"]["qc_pass"] == "False" and "NMI" in rows["noisy"]["qc_problem"]
     assert any("'noisy' fails the QC gate" in r.getMessage() for r in caplog.records)  # on the terminal too
     datalist = json.loads((out / "datalist.json").read_text())
@@ -275,6 +279,42 @@ def test_preprocessing_command_with_a_cases_csv_and_labels(tmp_path, tiny_atlas)
     assert (out / "P0" / "qc.png").is_file()
     with pytest.raises(ValueError, match="coregister"):
         Chain(coregister="Elastic")
+    with pytest.raises(ValueError, match="--seed must be a whole number"):
+        Chain(seed=-1)
+
+
+RUN_CHAIN_THREE_TIMES = """
+import sys
+from pathlib import Path
+import ants
+import numpy as np
+import test_preprocess as tp
+from scripts.preprocess import Chain, run_preprocessing
+root = Path(sys.argv[1])
+atlas = tp.synthetic(root / "atlas.nii.gz", (40, 48, 36), 4.0, "t1c")
+tp.raw_case(root / "raw", "P1")
+for name, seed in (("first", 0), ("again", 0), ("other", 1)):
+    chain = Chain(atlas=str(atlas), **tp.FAST, seed=seed, threads=1)
+    out = Path(run_preprocessing(str(root / name), input_dir=str(root / "raw"), chain=chain)) / "P1"
+    print(*(ants.read_transform(str(out / f)).parameters.tolist() for f in ("t2w_to_t1c.mat", "t1c_to_atlas.mat")))
+"""
+
+
+def test_the_seed_fixes_the_registration(tmp_path):
+    """The chain's seed reaches ANTs' sampled metric (ANTs reads 0 as 'take the clock'): on one ITK thread two
+    runs of a case with the default seed give the same transforms bit for bit, another seed gives others. A
+    fresh process: ANTs' ITK reads its thread count once, from the environment at its first use."""
+    import os
+    import subprocess
+    import sys
+    env = {**os.environ, "ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join((str(BUNDLE), str(Path(__file__).parent)))}
+    done = subprocess.run([sys.executable, "-c", RUN_CHAIN_THREE_TIMES, str(tmp_path)], env=env, check=True,
+                          stdout=subprocess.PIPE, text=True)
+    first, again, other = (np.asarray(json.loads(f"[{line.replace('] [', '], [')}]"))
+                           for line in done.stdout.strip().splitlines()[-3:])
+    np.testing.assert_array_equal(again, first)
+    assert np.abs(other - first).max() > 1e-4
 
 
 def test_inference_with_preprocess_writes_the_mask_on_the_raw_t1c_grid(tmp_path, tiny_atlas):

@@ -70,7 +70,7 @@ class Chain:
     qc_min_dice: float = 0.90                  # gate: brain-mask Dice with the atlas
     qc_min_nmi: float = 1.03                   # gate: T2W-T1C normalised mutual information in the brain
     qc_picture: bool = True
-    seed: int = 0                              # ANTs' random metric sampling
+    seed: int = 0                              # ANTs' random metric sampling (ANTs is given seed + 1)
     threads: int = 0                           # per case; 0: the cores shared among the workers
 
     def __post_init__(self) -> None:  # command-line values arrive as text: "false", "null", "AffineFast"
@@ -87,6 +87,9 @@ class Chain:
                 object.__setattr__(self, name, None)
         if self.coregister_spacing is not None:
             object.__setattr__(self, "coregister_spacing", float(self.coregister_spacing))
+        if isinstance(self.seed, bool) or not str(self.seed).strip().isdigit():
+            raise OptionError(f"option --seed must be a whole number >= 0, got {self.seed!r}")
+        object.__setattr__(self, "seed", int(self.seed))
 
 
 @contextmanager
@@ -218,7 +221,8 @@ def _run_one(case: Mapping[str, str], folder: Path, chain: Chain) -> tuple[dict 
     """(QC row, None) or (None, error row): errors travel back from a worker as plain data."""
     import ants
 
-    ants.config.set_ants_deterministic(on=False, seed_value=chain.seed)  # the seed only (no single-thread mode)
+    # the seed only (no single-thread mode); ANTs reads a seed of 0 as "take the clock", hence + 1
+    ants.config.set_ants_deterministic(on=False, seed_value=chain.seed + 1)
     try:
         return prepare_case(case, folder, chain), None
     except DatalistError as err:
