@@ -167,7 +167,7 @@ def paired_rows(output: Path) -> list[dict[str, Any]]:
 def report(output: Path) -> list[dict[str, Any]]:
     """One row per stage, strategy and setting with finished runs: seeds, validation mean macro-F1 (mean,
     sd, per seed), test mean macro-F1 and Dice (mean), and whether it is the strategy's chosen regime;
-    then the final stage's paired table (`final.md`, `final.csv`) and the plot."""
+    then the final stage's paired table (`final/ablation.md`, `final/ablation.csv`) and the plot."""
     rows = []
     chosen_of = {strategy: best_setting(output, strategy) for strategy in GRID}
     for stage in STAGES:
