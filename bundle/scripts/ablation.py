@@ -36,13 +36,13 @@ import time
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-import fire
 import matplotlib
 import numpy as np
 import torch
 from monai.bundle import ConfigWorkflow
 from monai.utils import set_determinism
 
+from scripts.cli import run
 from scripts.data import ensure_demo_cohort
 from scripts.mtl.base import MTLStrategy
 
@@ -373,4 +373,4 @@ def main(strategies: Any = DEFAULT_STRATEGIES, seeds: Any = (0, 1, 2, 3, 4), epo
 
 
 if __name__ == "__main__":
-    fire.Fire(main)
+    run(main)

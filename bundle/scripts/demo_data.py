@@ -11,8 +11,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-import fire
-
+from scripts.cli import run
 from scripts.data.demo_cohort import DATALIST_NAME, MANIFEST_NAME, ensure_demo_cohort
 
 
@@ -34,4 +33,4 @@ def main(output_dir: str = "demo_data", seed: int = 0, n_train_cls: int = 150, n
 
 
 if __name__ == "__main__":
-    fire.Fire(main)
+    run(main)

@@ -18,11 +18,11 @@ import csv
 from pathlib import Path
 from typing import Any
 
-import fire
 import matplotlib
 import numpy as np
 
 from scripts.ablation import _as_list, _read_csv
+from scripts.cli import run
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -128,4 +128,4 @@ def main(runs: Any, output: str = "gradient_terms", window: int = 5) -> None:
 
 
 if __name__ == "__main__":
-    fire.Fire(main)
+    run(main)

@@ -23,10 +23,10 @@ import csv
 import time
 from typing import Any, Sequence
 
-import fire
 import numpy as np
 import torch
 
+from scripts.cli import run
 from scripts.saliency_check import _as_list, _fmt, load_cases, model_label, read_configs, trained_network
 
 COLUMNS = ("dp_tumour", "dp_control", "tumour_moves_more", "control_in_healthy")
@@ -129,4 +129,4 @@ def main(models: Any, config_file: Any = "configs/inference.yaml,configs/demo.ya
 
 
 if __name__ == "__main__":
-    fire.Fire(main)
+    run(main)

@@ -37,9 +37,9 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any, Sequence
 
-import fire
 import numpy as np
 
+from scripts.cli import run
 from scripts.data.datalist import SEG_KEY, TASKS, write_datalist
 from scripts.data.discovery import find_cases
 from scripts.data.validate import DatalistError, validate_datalist
@@ -233,4 +233,4 @@ def main(data_dir: str | Sequence[str] | None = None, labels: str | None = None,
 
 
 if __name__ == "__main__":
-    fire.Fire(main)
+    run(main)

@@ -34,7 +34,6 @@ import json
 from pathlib import Path
 from typing import Any, Sequence
 
-import fire
 import matplotlib
 import numpy as np
 import torch
@@ -50,6 +49,7 @@ from scripts.ablation import (
     train_one,
     write_table,
 )
+from scripts.cli import run
 from scripts.options import TrainingLockError, acquire_training_lock
 
 matplotlib.use("Agg")
@@ -284,4 +284,4 @@ def main(stage: str = "report", strategies: Any = tuple(GRID), output: str = "ev
 
 
 if __name__ == "__main__":
-    fire.Fire(main)
+    run(main)

@@ -26,12 +26,12 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-import fire
 import numpy as np
 import torch
 from monai.bundle import ConfigParser
 
 from scripts.checkpoint import load_network_weights
+from scripts.cli import run
 from scripts.data import load_datalist
 from scripts.data.transforms import preprocessing
 from scripts.saliency.maps import DEFAULT_LAYER, SaliencyMaps, randomised_copy
@@ -175,4 +175,4 @@ def main(models: Any, config_file: Any = "configs/inference.yaml,configs/demo.ya
 
 
 if __name__ == "__main__":
-    fire.Fire(main)
+    run(main)
