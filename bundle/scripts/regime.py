@@ -24,7 +24,7 @@ after the one before, then the report:
 
 Layout: `<output>/<stage>/<setting>/<strategy>/seed_<seed>/` (as `scripts.ablation`); the report writes
 `<output>/regime.md` and `regime.csv` (one row per stage, strategy and setting, then the paired differences of
-`paired_rows`) and `regime.png`.
+`paired_rows` and the final stage seed by seed) and `regime.png`.
 """
 
 from __future__ import annotations
@@ -164,6 +164,16 @@ def paired_rows(output: Path) -> list[dict[str, Any]]:
     return rows
 
 
+def final_per_seed(output: Path) -> list[dict[str, Any]]:
+    """The final stage's test mean macro-F1 seed by seed: one row per seed with `equal` and each other strategy
+    (the pairs behind `final/ablation.md`'s interval)."""
+    by_seed: dict[int, dict[str, float]] = {}
+    for path in sorted((output / "final").glob("*/*/seed_*/result.json")):
+        result = json.loads(path.read_text())
+        by_seed.setdefault(int(result["seed"]), {})[result["strategy"]] = float(result["test"]["mean_macro_f1"])
+    return [{"seed": seed, **found} for seed, found in sorted(by_seed.items()) if "equal" in found and len(found) > 1]
+
+
 def report(output: Path) -> list[dict[str, Any]]:
     """One row per stage, strategy and setting with finished runs: seeds, validation mean macro-F1 (mean,
     sd, per seed), test mean macro-F1 and Dice (mean), and whether it is the strategy's chosen regime;
@@ -219,6 +229,15 @@ def _write_rows(rows: list[dict[str, Any]], output: Path) -> None:
         for r in paired:
             interval = "" if np.isnan(r["low"]) else f" [{r['low']:+.3f}, {r['high']:+.3f}]"
             lines.append(f"| {r['run']} | {r['minus']} | {r['seeds']} | {r['mean']:+.3f}{interval} |")
+    per_seed = final_per_seed(output)
+    if per_seed:
+        others = sorted({k for r in per_seed for k in r} - {"seed", "equal"})
+        lines += ["", "The final stage's test mean macro-F1 seed by seed:", "",
+                  "| seed | equal | " + " | ".join(f"{o} | {o} − equal" for o in others) + " |",
+                  "|---:|---:|" + "---:|---:|" * len(others)]
+        for r in per_seed:
+            cells = " | ".join(f"{r[o]:.3f} | {r[o] - r['equal']:+.3f}" if o in r else " | " for o in others)
+            lines.append(f"| {r['seed']} | {r['equal']:.3f} | {cells} |")
     (output / "regime.md").write_text("\n".join(lines) + "\n")
 
 
