@@ -30,15 +30,12 @@ def downsampled(path: Path, out: Path, spacing: float = 2.0) -> Path:
     return out
 
 
-def one_run(brats: Path, atlas: Path, folder: Path, seed: int, transform: str, threads: int) -> dict:
-    raw = folder / "raw" / "case"
-    raw.mkdir(parents=True)
-    for key, suffix in (("t1ce", "t1ce"), ("t2", "t2")):
-        downsampled(next(brats.glob(f"*_{key}.nii.gz")), raw / f"case_{suffix}.nii.gz")
+def one_run(raw: Path, atlas: Path, out: Path, seed: int, transform: str, threads: int) -> dict:
+    """The chain on the cases under `raw` into `out` with `seed`: the affine's deviation and the Dice."""
     chain = Chain(atlas=str(atlas), atlas_transform=transform, seed=seed, threads=threads)
-    out = Path(run_preprocessing(str(folder / "out"), input_dir=str(folder / "raw"), chain=chain)) / "case"
-    matrix = np.asarray(ants.read_transform(str(out / "t1c_to_atlas.mat")).parameters[:9]).reshape(3, 3)
-    row = json.loads((out / "qc.json").read_text())
+    case = Path(run_preprocessing(str(out), input_dir=str(raw), chain=chain)) / "case"
+    matrix = np.asarray(ants.read_transform(str(case / "t1c_to_atlas.mat")).parameters[:9]).reshape(3, 3)
+    row = json.loads((case / "qc.json").read_text())
     return {"seed": seed, "transform": transform, "threads": threads,
             "max_abs_A_minus_I": round(float(np.abs(matrix - np.eye(3)).max()), 4), "dice_atlas": row["dice_atlas"]}
 
@@ -55,8 +52,12 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         atlas = downsampled(args.atlas or DEFAULT_ATLAS, Path(tmp) / "atlas_2mm.nii.gz")
+        raw = Path(tmp) / "raw"
+        (raw / "case").mkdir(parents=True)
+        for key in ("t1ce", "t2"):  # the case at 2 mm, once
+            downsampled(next(args.brats.glob(f"*_{key}.nii.gz")), raw / "case" / f"case_{key}.nii.gz")
         for seed in range(args.seeds):
-            rows.append(one_run(args.brats, atlas, Path(tmp) / f"seed_{seed}", seed, args.transform, args.threads))
+            rows.append(one_run(raw, atlas, Path(tmp) / f"seed_{seed}", seed, args.transform, args.threads))
             print(json.dumps(rows[-1]), flush=True)
     summary = {key: [min(r[key] for r in rows), max(r[key] for r in rows)]
                for key in ("max_abs_A_minus_I", "dice_atlas")}

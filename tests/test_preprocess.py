@@ -284,10 +284,10 @@ def test_preprocessing_command_with_a_cases_csv_and_labels(tmp_path, tiny_atlas)
 
 
 RUN_CHAIN_THREE_TIMES = """
+import json
 import sys
 from pathlib import Path
 import ants
-import numpy as np
 import test_preprocess as tp
 from scripts.preprocess import Chain, run_preprocessing
 root = Path(sys.argv[1])
@@ -296,7 +296,8 @@ tp.raw_case(root / "raw", "P1")
 for name, seed in (("first", 0), ("again", 0), ("other", 1)):
     chain = Chain(atlas=str(atlas), **tp.FAST, seed=seed, threads=1)
     out = Path(run_preprocessing(str(root / name), input_dir=str(root / "raw"), chain=chain)) / "P1"
-    print(*(ants.read_transform(str(out / f)).parameters.tolist() for f in ("t2w_to_t1c.mat", "t1c_to_atlas.mat")))
+    files = ("t2w_to_t1c.mat", "t1c_to_atlas.mat")
+    print(json.dumps([ants.read_transform(str(out / f)).parameters.tolist() for f in files]))
 """
 
 
@@ -311,8 +312,7 @@ def test_the_seed_fixes_the_registration(tmp_path):
            "PYTHONPATH": os.pathsep.join((str(BUNDLE), str(Path(__file__).parent)))}
     done = subprocess.run([sys.executable, "-c", RUN_CHAIN_THREE_TIMES, str(tmp_path)], env=env, check=True,
                           stdout=subprocess.PIPE, text=True)
-    first, again, other = (np.asarray(json.loads(f"[{line.replace('] [', '], [')}]"))
-                           for line in done.stdout.strip().splitlines()[-3:])
+    first, again, other = (np.asarray(json.loads(line)) for line in done.stdout.strip().splitlines()[-3:])
     np.testing.assert_array_equal(again, first)
     assert np.abs(other - first).max() > 1e-4
 

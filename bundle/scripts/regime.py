@@ -164,14 +164,18 @@ def paired_rows(output: Path) -> list[dict[str, Any]]:
     return rows
 
 
-def final_per_seed(output: Path) -> list[dict[str, Any]]:
-    """The final stage's test mean macro-F1 seed by seed: one row per seed with `equal` and each other strategy
-    (the pairs behind `final/ablation.md`'s interval)."""
+def final_per_seed(finals: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The final stage's test mean macro-F1 seed by seed, from its runs' results: one row per seed with `equal`
+    and each other strategy (the pairs behind `final/ablation.md`'s interval)."""
     by_seed: dict[int, dict[str, float]] = {}
-    for path in sorted((output / "final").glob("*/*/seed_*/result.json")):
-        result = json.loads(path.read_text())
+    for result in finals:
         by_seed.setdefault(int(result["seed"]), {})[result["strategy"]] = float(result["test"]["mean_macro_f1"])
     return [{"seed": seed, **found} for seed, found in sorted(by_seed.items()) if "equal" in found and len(found) > 1]
+
+
+def final_results(output: Path) -> list[dict[str, Any]]:
+    """The `result.json` of every finished run of the final stage."""
+    return [json.loads(p.read_text()) for p in sorted((output / "final").glob("*/*/seed_*/result.json"))]
 
 
 def report(output: Path) -> list[dict[str, Any]]:
@@ -199,10 +203,10 @@ def report(output: Path) -> list[dict[str, Any]]:
                                  "test_f1_mean": float(np.mean([t["mean_macro_f1"] for t in tests])),
                                  "test_dice_mean": float(np.mean([t["dice"] for t in tests])),
                                  "chosen": chosen is not None and setting_name(chosen) == setting_name(setting)})
+    finals = final_results(output)
     if rows:
-        _write_rows(rows, output)
+        _write_rows(rows, output, finals)
         _plot(rows, output / "regime.png")
-    finals = [json.loads(p.read_text()) for p in sorted((output / "final").glob("*/*/seed_*/result.json"))]
     if finals and any(r["strategy"] == "equal" for r in finals):
         table = summarize(finals)
         final_dir = output / "final"
@@ -210,7 +214,7 @@ def report(output: Path) -> list[dict[str, Any]]:
     return rows
 
 
-def _write_rows(rows: list[dict[str, Any]], output: Path) -> None:
+def _write_rows(rows: list[dict[str, Any]], output: Path, finals: Sequence[dict[str, Any]]) -> None:
     with open(output / "regime.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
@@ -229,7 +233,7 @@ def _write_rows(rows: list[dict[str, Any]], output: Path) -> None:
         for r in paired:
             interval = "" if np.isnan(r["low"]) else f" [{r['low']:+.3f}, {r['high']:+.3f}]"
             lines.append(f"| {r['run']} | {r['minus']} | {r['seeds']} | {r['mean']:+.3f}{interval} |")
-    per_seed = final_per_seed(output)
+    per_seed = final_per_seed(finals)
     if per_seed:
         others = sorted({k for r in per_seed for k in r} - {"seed", "equal"})
         lines += ["", "The final stage's test mean macro-F1 seed by seed:", "",
