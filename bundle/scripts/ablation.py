@@ -315,12 +315,6 @@ def plot_results(results: Sequence[dict], table: Sequence[dict[str, Any]], path:
     plt.close(fig)
 
 
-def _read_result(run_dir: Path) -> dict | None:
-    """A run's `result.json`, or None before it has finished training."""
-    path = run_dir / "result.json"
-    return json.loads(path.read_text()) if path.exists() else None
-
-
 def main(strategies: Any = DEFAULT_STRATEGIES, seeds: Any = (0, 1, 2, 3, 4), epochs: int | None = None,
          iters_per_epoch: int | None = None, output: str = "eval/ablation", config_file: Any = DEFAULT_CONFIGS,
          diagnose_every: int = 10, threads: int | None = None, train: bool = True, table: bool = True,
@@ -354,7 +348,7 @@ def main(strategies: Any = DEFAULT_STRATEGIES, seeds: Any = (0, 1, 2, 3, 4), epo
     results, started = [], time.perf_counter()
     for i, (strategy, seed) in enumerate(runs, 1):
         run_dir = out / strategy / f"seed_{seed}"
-        if not train and _read_result(run_dir) is None:
+        if not train and read_result(run_dir) is None:
             print(f"[ablation {i}/{len(runs)}] {strategy}, seed {seed}: not trained, left out", flush=True)
             continue
         print(f"[ablation {i}/{len(runs)}] {strategy}, seed {seed}", flush=True)

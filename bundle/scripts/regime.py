@@ -30,7 +30,6 @@ Layout: `<output>/<stage>/<setting>/<strategy>/seed_<seed>/` (as `scripts.ablati
 from __future__ import annotations
 
 import csv
-import json
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -175,7 +174,7 @@ def final_per_seed(finals: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def final_results(output: Path) -> list[dict[str, Any]]:
     """The `result.json` of every finished run of the final stage."""
-    return [json.loads(p.read_text()) for p in sorted((output / "final").glob("*/*/seed_*/result.json"))]
+    return [read_result(p.parent) for p in sorted((output / "final").glob("*/*/seed_*/result.json"))]
 
 
 def report(output: Path) -> list[dict[str, Any]]:
@@ -194,8 +193,8 @@ def report(output: Path) -> list[dict[str, Any]]:
                     found = scores(output, stage, strategy, setting, seeds)
                     if not found:
                         continue
-                    tests = [json.loads((output / stage / setting_name(setting) / strategy / f"seed_{s}" /
-                                         "result.json").read_text())["test"] for s in found]
+                    run_dirs = [output / stage / setting_name(setting) / strategy / f"seed_{s}" for s in found]
+                    tests = [read_result(run_dir)["test"] for run_dir in run_dirs]
                     rows.append({"stage": stage, "strategy": strategy, "setting": setting_name(setting),
                                  "seeds": len(found), "val_f1_mean": float(np.mean(list(found.values()))),
                                  "val_f1_sd": float(np.std(list(found.values()), ddof=1)) if len(found) > 1 else np.nan,
