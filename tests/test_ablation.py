@@ -12,7 +12,7 @@ from conftest import BUNDLE
 from monai.bundle import ConfigWorkflow
 
 from scripts.ablation import main as ablation
-from scripts.ablation import paired_difference, summarize
+from scripts.ablation import paired_difference, per_seed, per_seed_lines, summarize
 from scripts.data import generate_cohort
 from scripts.mtl import STRATEGIES
 
@@ -70,6 +70,10 @@ def test_summary_pairs_seeds_with_equal():
     assert igreg["seeds"] == 4 and igreg["pairs"] == 3 and igreg["delta_f1_mean"] == pytest.approx(0.4 / 3)
     assert igreg["mean_macro_f1_mean"] == pytest.approx(2.3 / 4) and igreg["dice_std"] == 0
     assert (igreg["delta_f1_ci_low"], igreg["delta_f1_ci_high"]) == pytest.approx((0.1, 0.2))
+    assert [r["seed"] for r in per_seed(results)] == [0, 1, 2] and per_seed(results)[1] == {
+        "seed": 1, "equal": 0.7, "igreg": 0.9}
+    assert per_seed_lines(results)[2:] == ["| 0 | 0.500 | 0.600 (+0.100) |", "| 1 | 0.700 | 0.900 (+0.200) |",
+                                           "| 2 | 0.600 | 0.700 (+0.100) |"]
 
 
 def test_ablation_trains_tests_tables_and_skips_finished_runs(cohort, tmp_path, capsys):
@@ -111,7 +115,11 @@ def test_ablation_trains_tests_tables_and_skips_finished_runs(cohort, tmp_path, 
     assert float(rows[1]["mean_macro_f1_mean"]) == pytest.approx(
         sum(results[("pcgrad", s)]["test"]["mean_macro_f1"] for s in (0, 1)) / 2)
     table = (out / "ablation.md").read_text().splitlines()
-    assert table[0].startswith("| strategy | seeds | 1p19q F1 | 1p19q AUC") and len(table) == 4
+    assert table[0].startswith("| strategy | seeds | 1p19q F1 | 1p19q AUC") and table[4] == ""
     assert "Δ mean F1 vs equal" in table[0] and "(n=" not in table[2]
     assert "(n=2, too few pairs for an interval)" in table[3]
+    assert table[7:9] == ["| seed | equal | pcgrad |", "|---:|---:|---:|"] and len(table) == 11   # seed by seed
+    for seed, line in zip((0, 1), table[9:]):
+        mine, theirs = (results[(s, seed)]["test"]["mean_macro_f1"] for s in ("pcgrad", "equal"))
+        assert line == f"| {seed} | {theirs:.3f} | {mine:.3f} ({mine - theirs:+.3f}) |"
     assert (out / "ablation_f1.png").read_bytes()[:4] == b"\x89PNG"

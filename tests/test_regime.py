@@ -10,6 +10,7 @@ import sys
 import pytest
 
 from scripts import regime
+from scripts.ablation import per_seed
 
 
 def fake_run(output, stage, strategy, setting, seed, val_f1, test_f1=0.5):
@@ -125,8 +126,8 @@ def test_report_pairs_igreg_with_equal_by_seed(tmp_path):
     for seed, (mine, theirs) in zip(regime.FINAL_SEEDS, [(0.74, 0.80), (0.75, 0.78)]):
         fake_run(tmp_path, "final", "igreg", {"learning_rate": 1e-4, "surrogate_steps": 1}, seed, 0.7, test_f1=mine)
         fake_run(tmp_path, "final", "equal", {"learning_rate": 1e-4, "surrogate_steps": 1}, seed, 0.7, test_f1=theirs)
-    assert regime.final_per_seed(regime.final_results(tmp_path)) == [
+    assert per_seed(regime.final_results(tmp_path)) == [
         {"seed": 0, "equal": 0.80, "igreg": 0.74}, {"seed": 1, "equal": 0.78, "igreg": 0.75}]
     regime.report(tmp_path)
-    text = (tmp_path / "regime.md").read_text()
-    assert "| 0 | 0.800 | 0.740 | -0.060 |" in text and "| 1 | 0.780 | 0.750 | -0.030 |" in text
+    text = (tmp_path / "final" / "ablation.md").read_text()
+    assert "| 0 | 0.800 | 0.740 (-0.060) |" in text and "| 1 | 0.780 | 0.750 (-0.030) |" in text

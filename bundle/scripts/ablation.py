@@ -23,8 +23,8 @@ deviation over seeds of the test scores (per task macro-F1 and AUC, mean macro-F
 difference of test mean macro-F1 to `equal` (mean over the seeds both have of strategy − equal, with
 a 95% percentile bootstrap interval over seeds, n pairs), the mean fraction of conflicting
 task-gradient pairs, each task's mean sign agreement with the applied update and the seconds per
-training step; `ablation_f1.png`: validation mean macro-F1 against iterations, and the paired
-differences.
+training step, then the test mean macro-F1 seed by seed; `ablation_f1.png`: validation mean macro-F1
+against iterations, and the paired differences.
 """
 
 from __future__ import annotations
@@ -251,9 +251,34 @@ def _delta_cell(row: dict[str, Any]) -> str:
            f"(n={row['pairs']})"
 
 
-def write_table(table: list[dict[str, Any]], tasks: Sequence[str], output: Path, reference: str = "equal") -> None:
+def per_seed(results: Sequence[dict], reference: str = "equal") -> list[dict[str, Any]]:
+    """Test mean macro-F1 seed by seed: one row per seed that has a `reference` run and another strategy's
+    (the pairs behind the paired differences), strategies in first-seen order."""
+    by_seed: dict[int, dict[str, float]] = {}
+    for result in results:
+        by_seed.setdefault(int(result["seed"]), {})[result["strategy"]] = float(result["test"]["mean_macro_f1"])
+    return [{"seed": seed, **found} for seed, found in sorted(by_seed.items()) if reference in found and len(found) > 1]
+
+
+def per_seed_lines(results: Sequence[dict], reference: str = "equal") -> list[str]:
+    """`per_seed` as a markdown table: a column per strategy, each other strategy's difference to
+    `reference` of the same seed in brackets; no lines without pairs."""
+    rows = per_seed(results, reference)
+    if not rows:
+        return []
+    others = [s for s in dict.fromkeys(r["strategy"] for r in results) if s != reference]
+    lines = [f"| seed | {reference} | " + " | ".join(others) + " |", "|---:|---:|" + "---:|" * len(others)]
+    for r in rows:
+        cells = [f"{r[o]:.3f} ({r[o] - r[reference]:+.3f})" if o in r else "" for o in others]
+        lines.append(f"| {r['seed']} | {r[reference]:.3f} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def write_table(table: list[dict[str, Any]], tasks: Sequence[str], output: Path, results: Sequence[dict] = (),
+                reference: str = "equal") -> None:
     """`ablation.csv` (every number) and `ablation.md` (mean ± std over seeds of the test scores, the
-    paired difference to `reference`, then the run columns)."""
+    paired difference to `reference`, then the run columns; below it, from `results`, the test mean
+    macro-F1 seed by seed)."""
     with open(output / "ablation.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(table[0]))
         writer.writeheader()
@@ -266,6 +291,10 @@ def write_table(table: list[dict[str, Any]], tasks: Sequence[str], output: Path,
         cells = [_cell(row, n) for n in metric_names(tasks)] + [_delta_cell(row)]
         cells += [_cell(row, n) for n in run_names(tasks)]
         lines.append(f"| {row['strategy']} | {row['seeds']} | " + " | ".join(cells) + " |")
+    seeds = per_seed_lines(results, reference)
+    if seeds:
+        title = f"Test mean macro-F1 seed by seed (in brackets: minus `{reference}` of the same seed):"
+        lines += ["", title, "", *seeds]
     (output / "ablation.md").write_text("\n".join(lines) + "\n")
 
 
@@ -361,7 +390,7 @@ def main(strategies: Any = DEFAULT_STRATEGIES, seeds: Any = (0, 1, 2, 3, 4), epo
     if not table or not results:
         return
     rows = summarize(results)
-    write_table(rows, results[0]["tasks"], out)
+    write_table(rows, results[0]["tasks"], out, results)
     plot_results(results, rows, out / "ablation_f1.png")
     print(f"[ablation] wrote {out / 'ablation.md'}, {out / 'ablation.csv'} and {out / 'ablation_f1.png'}", flush=True)
 

@@ -24,7 +24,7 @@ after the one before, then the report:
 
 Layout: `<output>/<stage>/<setting>/<strategy>/seed_<seed>/` (as `scripts.ablation`); the report writes
 `<output>/regime.md` and `regime.csv` (one row per stage, strategy and setting, then the paired differences of
-`paired_rows` and the final stage seed by seed) and `regime.png`.
+`paired_rows`), `regime.png`, and the final stage's paired table `<output>/final/ablation.md` (as `scripts.ablation`).
 """
 
 from __future__ import annotations
@@ -163,15 +163,6 @@ def paired_rows(output: Path) -> list[dict[str, Any]]:
     return rows
 
 
-def final_per_seed(finals: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The final stage's test mean macro-F1 seed by seed, from its runs' results: one row per seed with `equal`
-    and each other strategy (the pairs behind `final/ablation.md`'s interval)."""
-    by_seed: dict[int, dict[str, float]] = {}
-    for result in finals:
-        by_seed.setdefault(int(result["seed"]), {})[result["strategy"]] = float(result["test"]["mean_macro_f1"])
-    return [{"seed": seed, **found} for seed, found in sorted(by_seed.items()) if "equal" in found and len(found) > 1]
-
-
 def final_results(output: Path) -> list[dict[str, Any]]:
     """The `result.json` of every finished run of the final stage."""
     return [read_result(p.parent) for p in sorted((output / "final").glob("*/*/seed_*/result.json"))]
@@ -204,16 +195,16 @@ def report(output: Path) -> list[dict[str, Any]]:
                                  "chosen": chosen is not None and setting_name(chosen) == setting_name(setting)})
     finals = final_results(output)
     if rows:
-        _write_rows(rows, output, finals)
+        _write_rows(rows, output)
         _plot(rows, output / "regime.png")
     if finals and any(r["strategy"] == "equal" for r in finals):
         table = summarize(finals)
         final_dir = output / "final"
-        write_table(table, finals[0]["tasks"], final_dir)
+        write_table(table, finals[0]["tasks"], final_dir, finals)
     return rows
 
 
-def _write_rows(rows: list[dict[str, Any]], output: Path, finals: Sequence[dict[str, Any]]) -> None:
+def _write_rows(rows: list[dict[str, Any]], output: Path) -> None:
     with open(output / "regime.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
@@ -232,15 +223,6 @@ def _write_rows(rows: list[dict[str, Any]], output: Path, finals: Sequence[dict[
         for r in paired:
             interval = "" if np.isnan(r["low"]) else f" [{r['low']:+.3f}, {r['high']:+.3f}]"
             lines.append(f"| {r['run']} | {r['minus']} | {r['seeds']} | {r['mean']:+.3f}{interval} |")
-    per_seed = final_per_seed(finals)
-    if per_seed:
-        others = sorted({k for r in per_seed for k in r} - {"seed", "equal"})
-        lines += ["", "The final stage's test mean macro-F1 seed by seed:", "",
-                  "| seed | equal | " + " | ".join(f"{o} | {o} − equal" for o in others) + " |",
-                  "|---:|---:|" + "---:|---:|" * len(others)]
-        for r in per_seed:
-            cells = " | ".join(f"{r[o]:.3f} | {r[o] - r['equal']:+.3f}" if o in r else " | " for o in others)
-            lines.append(f"| {r['seed']} | {r['equal']:.3f} | {cells} |")
     (output / "regime.md").write_text("\n".join(lines) + "\n")
 
 
