@@ -6,7 +6,7 @@ The runs' own files are never written.
 Prints one JSON line per seed, then the mean ± sample standard deviation over the seeds as a
 Markdown table; `--output` also gets `calibration.json` (every figure) and the seeds' reports.
 
-    OMP_NUM_THREADS=1 python benchmarks/calibration.py --runs bundle/eval/ablation/igreg --seeds 0 1 2 3 4 \\
+    OMP_NUM_THREADS=1 python benchmarks/calibration.py --runs bundle/docs/ablation/igreg --seeds 0 1 2 3 4 \\
         --output "$(mktemp -d)"
 """
 
